@@ -1,0 +1,128 @@
+"""The run configuration: one typed schema, loaded by omegaconf from YAML plus ``key=value`` overrides,
+validated once, up front (before any process group or weight exists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODES = ("star", "ring", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACCELERATORS = ("cpu", "gpu")
+ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: reported as one line, before any work starts."""
+
+
+@dataclass
+class CheckpointConfig:
+    hf_path: str = MISSING  # HF Llama directory: config.json + *.safetensors (+ tokenizer for text requests)
+
+
+@dataclass
+class ModelConfig:
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1  # number of star hosts
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "gpu"  # gpu (NCCL) | cpu (gloo)
+
+
+@dataclass
+class InferenceConfig:
+    context_parallel_mode: str = "star"  # star | ring | none
+    block_size: int = 4096  # star: context tokens per block
+    anchor_size: int = 4096  # star: tokens of c[0:anchor_size] prepended to blocks k >= 1; 0 = no anchor
+    tokens_to_generate: int = 32
+    input_path: str = MISSING  # JSONL: {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
+    output_path: str = MISSING  # JSONL, one line per request, in input order
+    save_logits: bool = False  # add the first generated token's full-vocabulary logits to each output
+    attention_backend: str = "auto"  # auto | math | sdpa_flash | sdpa_efficient | sdpa_cudnn
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = 600.0  # collectives that wait longer fail instead of hanging
+
+
+@dataclass
+class RunConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).strip().splitlines()
+    head = msg[0] if msg else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{head} (key: {key})" if key and key not in head else head
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Schema <- YAML file <- ``key=value`` overrides; unknown keys and wrong types are refused."""
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {_one_line(e)}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, inf = cfg.model, cfg.inference
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(inf.context_parallel_mode in MODES,
+         f"inference.context_parallel_mode must be one of {', '.join(MODES)}, got {inf.context_parallel_mode!r}")
+    need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
+    need(cfg.trainer.accelerator in ACCELERATORS,
+         f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.trainer.accelerator!r}")
+    need(inf.attention_backend in ATTENTION_BACKENDS,
+         f"inference.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {inf.attention_backend!r}")
+    need(m.tensor_model_parallel_size >= 1, "model.tensor_model_parallel_size must be >= 1")
+    need(m.context_parallel_size >= 1, "model.context_parallel_size must be >= 1")
+    need(inf.block_size > 0, f"inference.block_size must be > 0, got {inf.block_size}")
+    need(inf.anchor_size >= 0, f"inference.anchor_size must be >= 0, got {inf.anchor_size}")
+    need(inf.anchor_size <= inf.block_size,
+         f"inference.anchor_size ({inf.anchor_size}) must be <= inference.block_size ({inf.block_size})")
+    need(inf.tokens_to_generate >= 1, f"inference.tokens_to_generate must be >= 1, got {inf.tokens_to_generate}")
+    need(inf.context_parallel_mode != "none" or m.context_parallel_size == 1,
+         "inference.context_parallel_mode=none runs without context parallelism: "
+         f"set model.context_parallel_size=1 (got {m.context_parallel_size})")
+    need(cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def world_size_needed(cfg: RunConfig) -> int:
+    return cfg.model.tensor_model_parallel_size * cfg.model.context_parallel_size
+

@@ -1,0 +1,46 @@
+"""The KV cache of one host: per layer, the (post-RoPE) K and V of the context tokens it holds, plus the
+query and generated tokens on the query host."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class KVCache:
+    """Per-layer K and V, each [b, hk, n, d], grown in place (capacity doubles, so decode appends are O(1))."""
+
+    def __init__(self, num_layers: int) -> None:
+        self._k: List[Optional[Tensor]] = [None] * num_layers
+        self._v: List[Optional[Tensor]] = [None] * num_layers
+        self._len = [0] * num_layers
+
+    def __len__(self) -> int:
+        """Tokens held (the same in every layer once a forward pass is complete)."""
+        return self._len[0]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> None:
+        n, need = self._len[layer], self._len[layer] + k.shape[2]
+        buf = self._k[layer]
+        if buf is None or buf.shape[2] < need:
+            cap = max(need, 2 * (buf.shape[2] if buf is not None else 0))
+            shape = k.shape[:2] + (cap,) + k.shape[3:]
+            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
+            if buf is not None:
+                new_k[:, :, :n] = self._k[layer][:, :, :n]
+                new_v[:, :, :n] = self._v[layer][:, :, :n]
+            self._k[layer], self._v[layer] = new_k, new_v
+        self._k[layer][:, :, n:need] = k
+        self._v[layer][:, :, n:need] = v
+        self._len[layer] = need
+
+    def get(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """Views of the held K, V; an empty [b, hk, 0, d] pair shaped like ``like`` if nothing is held."""
+        if self._k[layer] is None:
+            empty = like.new_empty(like.shape[:2] + (0,) + like.shape[3:])
+            return empty, empty
+        n = self._len[layer]
+        return self._k[layer][:, :, :n], self._v[layer][:, :, :n]

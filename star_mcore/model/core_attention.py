@@ -1,0 +1,49 @@
+"""This project's core attention for Megatron-core's SelfAttention, plugged in through the layer spec.
+
+mcore's SelfAttention does the QKV projection and RoPE, then calls ``core_attention(q, k, v, ...)`` with
+q [sq, b, hq, d] and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). What
+attention means for those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
+decided by the inference engine, which sets :attr:`AttentionRuntime.step` before each forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+Tensor = torch.Tensor
+
+
+class AttentionStep(Protocol):
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """layer: 0-based; q [b, hq, s, d], k, v [b, hk, s, d] -> out [b, hq, s, d]."""
+
+
+class AttentionRuntime:
+    """Shared by every layer's core attention of one model: the step of the current forward pass."""
+
+    def __init__(self) -> None:
+        self.step: Optional[AttentionStep] = None
+
+
+class StarCoreAttention(MegatronModule):
+    """Core attention that hands post-RoPE q, k, v to the runtime's current step."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None,
+                 pg_collection=None, *, runtime: AttentionRuntime) -> None:
+        super().__init__(config=config)
+        self.layer_index = layer_number - 1  # mcore numbers layers from 1
+        self.runtime = runtime
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:
+        if self.runtime.step is None:
+            raise RuntimeError("no attention step is set: run the model through star_mcore.inference")
+        sq, b = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self.runtime.step(self.layer_index, q, k, v, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)

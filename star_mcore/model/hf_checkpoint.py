@@ -1,0 +1,116 @@
+"""Load an HF Llama directory (config.json + *.safetensors, sharded or not) into a TP-sharded StarLlama.
+
+Each rank reads only its own slices, memory-mapped through safetensors, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+
+from .llama import StarLlama
+
+Tensor = torch.Tensor
+
+
+class SafetensorsReader:
+    """Name -> slice access across the files of one checkpoint."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {path}")
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self.path = path
+        self.weight_map = weight_map
+        self._handles: Dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, name: str, rows: Optional[Tuple[int, int]] = None, cols: Optional[Tuple[int, int]] = None) -> Tensor:
+        """The tensor ``name``, or only rows [r0, r1) and/or columns [c0, c1) of a 2-D one."""
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+        sl = self._handles[fname].get_slice(name)
+        r = slice(*rows) if rows else slice(None)
+        c = slice(*cols) if cols else slice(None)
+        return sl[r, c] if len(sl.get_shape()) == 2 else sl[r]
+
+
+def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
+    per = n // tp
+    return tp_rank * per, (tp_rank + 1) * per
+
+
+def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> None:
+    """Copy the checkpoint's weights into ``model`` (this TP rank's shards), converting to its dtype."""
+    a = model.arch
+    reader = SafetensorsReader(path)
+    params = dict(model.gpt.named_parameters())
+    loaded: List[str] = []
+
+    def put(name: str, value: Tensor) -> None:
+        p = params[name]
+        if p.shape != value.shape:
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, model expects {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+        loaded.append(name)
+
+    def vocab_rows(name: str) -> Tensor:
+        # Pad the vocabulary to the model's (TP-divisible) size with zero rows.
+        n_pad = params["embedding.word_embeddings.weight"].shape[0] * tp
+        r0, r1 = _shard(n_pad, tp_rank, tp)
+        got = reader.read(name, rows=(r0, min(r1, a.vocab_size))) if r0 < a.vocab_size else None
+        out = torch.zeros(r1 - r0, a.hidden_size, dtype=got.dtype if got is not None else torch.float32)
+        if got is not None:
+            out[: got.shape[0]] = got
+        return out
+
+    put("embedding.word_embeddings.weight", vocab_rows("model.embed_tokens.weight"))
+    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
+    put("output_layer.weight", vocab_rows(head))
+    put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
+
+    hd, ng = a.head_dim, a.num_kv_heads
+    qpg = a.num_heads // ng  # query heads per KV group
+    g0, g1 = _shard(ng, tp_rank, tp)
+    f0, f1 = _shard(a.intermediate_size, tp_rank, tp)
+    c0, c1 = _shard(a.num_heads * hd, tp_rank, tp)
+    for i in range(a.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        put(dst + "input_layernorm.weight", reader.read(src + "input_layernorm.weight"))
+        put(dst + "pre_mlp_layernorm.weight", reader.read(src + "post_attention_layernorm.weight"))
+        # mcore's fused QKV is grouped: for each KV group, its query heads, then its K head, then its V head.
+        q = reader.read(src + "self_attn.q_proj.weight", rows=(g0 * qpg * hd, g1 * qpg * hd))
+        k = reader.read(src + "self_attn.k_proj.weight", rows=(g0 * hd, g1 * hd))
+        v = reader.read(src + "self_attn.v_proj.weight", rows=(g0 * hd, g1 * hd))
+        n = g1 - g0
+        qkv = torch.cat([q.reshape(n, qpg * hd, -1), k.reshape(n, hd, -1), v.reshape(n, hd, -1)], dim=1)
+        put(dst + "self_attention.linear_qkv.weight", qkv.reshape(n * (qpg + 2) * hd, -1))
+        put(dst + "self_attention.linear_proj.weight", reader.read(src + "self_attn.o_proj.weight", cols=(c0, c1)))
+        # SwiGLU fc1 is [gate; up] on every TP rank.
+        gate = reader.read(src + "mlp.gate_proj.weight", rows=(f0, f1))
+        up = reader.read(src + "mlp.up_proj.weight", rows=(f0, f1))
+        put(dst + "mlp.linear_fc1.weight", torch.cat([gate, up], dim=0))
+        put(dst + "mlp.linear_fc2.weight", reader.read(src + "mlp.down_proj.weight", cols=(f0, f1)))
+
+    missing = sorted(set(params) - set(loaded))
+    if missing:
+        raise ValueError(f"model parameters not filled from the checkpoint: {', '.join(missing[:5])}")

@@ -1,0 +1,109 @@
+"""A Megatron-core GPTModel for Llama whose core attention is :class:`StarCoreAttention`."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..ops.rope import inv_frequencies, rotary_angles
+from ..parallel.groups import ParallelGroups
+from .arch import LlamaArch
+from .core_attention import AttentionRuntime, StarCoreAttention
+
+Tensor = torch.Tensor
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def star_layer_spec(runtime: AttentionRuntime) -> ModuleSpec:
+    """mcore's local Llama layer (RMSNorm, SwiGLU, no biases) with this project's core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(StarCoreAttention, runtime=runtime)
+    return spec
+
+
+def transformer_config(arch: LlamaArch, tp: int, cp: int, dtype: torch.dtype, on_cpu: bool) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=False,  # weights come from the checkpoint
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+    )
+
+
+def padded_vocab_size(vocab: int, tp: int) -> int:
+    """mcore's vocab-parallel layers need the vocabulary divisible by TP; pad rows are never chosen."""
+    return -(-vocab // tp) * tp
+
+
+class StarLlama:
+    """GPTModel + the rotary frequencies + the attention runtime the engine drives.
+
+    Forward passes go through the model's own embedding, decoder (which ends in the final norm) and
+    output layer; the engine asks for logits only where it needs them.
+    """
+
+    def __init__(self, arch: LlamaArch, groups: ParallelGroups, precision: str) -> None:
+        tp = groups.tp.size()
+        if arch.num_kv_heads % tp or arch.num_heads % tp:
+            raise ValueError(f"tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} "
+                             f"attention heads and {arch.num_kv_heads} KV heads")
+        self.arch = arch
+        self.dtype = DTYPES[precision]
+        self.device = groups.device
+        self.runtime = AttentionRuntime()
+        config = transformer_config(arch, tp, groups.cp_size, self.dtype, on_cpu=self.device.type == "cpu")
+        self.gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=star_layer_spec(self.runtime),
+            vocab_size=padded_vocab_size(arch.vocab_size, tp),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=True,
+            post_process=True,
+            parallel_output=False,  # gather the vocab shards: every TP rank sees full logits
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="none",  # RoPE frequencies come from position ids, below
+            pg_collection=groups.pg_collection,
+        ).to(self.device).eval()
+        self.inv_freq = inv_frequencies(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(self.device)
+
+    def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h]."""
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        x = self.gpt.embedding(input_ids=ids[None], position_ids=positions[None])
+        return self.gpt.decoder(hidden_states=x, attention_mask=None,
+                                rotary_pos_emb=rotary_angles(positions, self.inv_freq))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [s, 1, h] -> float32 logits [s, vocab] (padding rows dropped)."""
+        out, _ = self.gpt.output_layer(hidden)
+        return out[:, 0, : self.arch.vocab_size].float()

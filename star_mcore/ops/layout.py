@@ -1,0 +1,70 @@
+"""Where each context token goes: star blocks (with their anchor) and ring's load-balanced chunks.
+
+Pure index arithmetic on context length L; no tensors of the model, no process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open token range [start, end) of the context."""
+
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def even_split(n: int, parts: int) -> List[int]:
+    """Sizes of ``parts`` contiguous pieces of ``n`` items, earlier pieces one larger where it does not divide."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def star_blocks(context_len: int, block_size: int, cp_size: int) -> List[List[Span]]:
+    """Cut the context into blocks of ``block_size`` (the last may be shorter) and spread them
+    contiguously over ``cp_size`` hosts. Returns the blocks of each host (possibly none)."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    blocks = [Span(s, min(s + block_size, context_len)) for s in range(0, context_len, block_size)]
+    out, i = [], 0
+    for count in even_split(len(blocks), cp_size):
+        out.append(blocks[i:i + count])
+        i += count
+    return out
+
+
+def star_block_tokens(context_ids: torch.Tensor, block: Span, anchor_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids, position ids and anchor length of one phase-1 star segment.
+
+    Block 0 is encoded alone. Block k >= 1 is ``c[0:a] ++ c[block]`` with positions
+    ``[0..a-1] ++ [block.start .. block.end-1]``; the first ``a`` outputs (the anchor's KV) are dropped.
+    """
+    ids = context_ids[block.start:block.end]
+    pos = torch.arange(block.start, block.end)
+    if block.start == 0 or anchor_size == 0:
+        return ids, pos, 0
+    a = min(anchor_size, block.start)
+    return torch.cat([context_ids[:a], ids]), torch.cat([torch.arange(a), pos]), a
+
+
+def ring_chunks(context_len: int, cp_size: int) -> List[Tuple[Span, Span]]:
+    """Load-balanced ("zigzag") causal layout: 2P near-equal chunks, host r takes chunks r and 2P-1-r,
+    so every host has the same amount of causal attention work."""
+    bounds = [0]
+    for size in even_split(context_len, 2 * cp_size):
+        bounds.append(bounds[-1] + size)
+    chunks = [Span(bounds[i], bounds[i + 1]) for i in range(2 * cp_size)]
+    return [(chunks[r], chunks[2 * cp_size - 1 - r]) for r in range(cp_size)]
+
+
+def ring_chunk_ids(rank: int, cp_size: int) -> Tuple[int, int]:
+    """Global chunk indices of host ``rank``'s two ring chunks (their causal order)."""
+    return rank, 2 * cp_size - 1 - rank

@@ -1,0 +1,83 @@
+"""Process groups: torch.distributed start-up and Megatron-core's TP x CP grid.
+
+The context-parallel group is the set of star hosts; tensor parallelism lives inside each host. Groups are
+handed to everything else explicitly as a :class:`ParallelGroups`, never read from globals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+@dataclass
+class ParallelGroups:
+    """The groups this project uses, plus the mcore collection its modules take."""
+
+    pg_collection: ProcessGroupCollection
+    tp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    device: torch.device
+
+    @property
+    def cp_rank(self) -> int:
+        return self.cp.rank()
+
+    @property
+    def cp_size(self) -> int:
+        return self.cp.size()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank()
+
+    @property
+    def is_query_host(self) -> bool:
+        """The last CP rank holds the query and everything generated after it."""
+        return self.cp_rank == self.cp_size - 1
+
+    def cp_global_rank(self, cp_rank: int) -> int:
+        return dist.get_global_rank(self.cp, cp_rank)
+
+
+def init_process_group(accelerator: str, timeout_s: float) -> torch.device:
+    """Join the job torchrun/srun started (a single process needs no launcher). Returns this rank's device."""
+    if accelerator == "gpu":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return device
+
+
+def initialize_parallel(tp: int, cp: int, device: torch.device, timeout_s: float) -> ParallelGroups:
+    """Build mcore's TP x CP grid (order tp-cp: a host's TP ranks are adjacent, hosts follow each other)."""
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=max(1, int(round(timeout_s / 60))),
+        create_gloo_process_groups=False,
+    )
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(pg_collection=pgs, tp=pgs.tp, cp=pgs.cp, device=device)
+
+
+def destroy_parallel() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
