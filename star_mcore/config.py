@@ -10,14 +10,12 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
+
 MODES = ("star", "ring", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("cpu", "gpu")
 ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: reported as one line, before any work starts."""
 
 
 @dataclass

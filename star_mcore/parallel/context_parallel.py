@@ -12,6 +12,8 @@ from ..ops.layout import Span, ring_chunk_ids
 from ..ops.merge import merge_partials
 
 Tensor = torch.Tensor
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); older torch only has the old one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tuple[Tensor, Tensor]:
@@ -24,8 +26,9 @@ def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tuple[Te
     if size == 1:
         return out, lse
     packed = torch.cat([out.float(), lse.float()[..., None]], dim=-1).contiguous()
-    gathered = torch.empty((size,) + packed.shape, dtype=packed.dtype, device=packed.device)
-    dist.all_gather_into_tensor(gathered, packed, group=group)
+    gathered = packed.new_empty((size * packed.shape[0],) + packed.shape[1:])
+    _all_gather_single(gathered, packed, group=group)
+    gathered = gathered.view((size,) + packed.shape)
     merged, merged_lse = merge_partials(gathered[..., :-1], gathered[..., -1])
     return merged.to(out.dtype), merged_lse
 

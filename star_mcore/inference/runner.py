@@ -1,0 +1,93 @@
+"""``star-mcore generate``: checks, process groups, model, and the request loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..errors import RunError
+from ..model.arch import LlamaArch
+from ..model.hf_checkpoint import load_hf_llama
+from ..model.llama import StarLlama
+from ..parallel.groups import destroy_parallel, init_process_group, initialize_parallel
+from .engine import Engine, EngineSettings
+from .requests import ResultWriter, Tokenizer, parse_request, read_lines
+
+
+def preflight(cfg: RunConfig) -> LlamaArch:
+    """Everything that can be checked before process groups and weights exist."""
+    ckpt = Path(cfg.checkpoint.hf_path)
+    if not (ckpt / "config.json").is_file():
+        raise RunError(f"checkpoint.hf_path={ckpt}: not an HF checkpoint directory (no config.json)")
+    try:
+        arch = LlamaArch.from_hf_dir(ckpt)
+    except (ValueError, KeyError) as e:
+        raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
+    if not any(ckpt.glob("*.safetensors")):
+        raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
+    if not Path(cfg.inference.input_path).is_file():
+        raise RunError(f"inference.input_path={cfg.inference.input_path}: file not found")
+    tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * cp:
+        raise RunError(f"world size {world} != tensor_model_parallel_size ({tp}) x context_parallel_size ({cp}); "
+                       f"launch {tp * cp} processes (torchrun --nproc-per-node={tp * cp})")
+    if arch.num_heads % tp or arch.num_kv_heads % tp:
+        raise RunError(f"model.tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} attention "
+                       f"heads and {arch.num_kv_heads} KV heads")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+    return arch
+
+
+def log(msg: str) -> None:
+    print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
+
+
+def run_generation(cfg: RunConfig) -> int:
+    arch = preflight(cfg)
+    inf = cfg.inference
+    device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
+    try:
+        groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
+                                     device, cfg.distributed.timeout_s)
+        writer_rank = groups.is_query_host and groups.tp_rank == 0
+        model = StarLlama(arch, groups, cfg.model.precision)
+        load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
+        engine = Engine(model, groups, EngineSettings(
+            mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
+            tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
+            eos_token_ids=tuple(arch.eos_token_ids)))
+        tokenizer = Tokenizer(cfg.checkpoint.hf_path)
+        writer = ResultWriter(inf.output_path) if writer_rank else None
+        n_ok = n_err = 0
+        for line_no, line in read_lines(inf.input_path):
+            req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
+                                inf.tokens_to_generate)
+            if req.error is not None:
+                record = {"id": req.id, "error": req.error}
+                n_err += 1
+            else:
+                gen = engine.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
+                record = {"id": req.id, "generated_ids": gen.generated_ids}
+                if req.text:
+                    record["text"] = tokenizer.decode(gen.generated_ids)
+                if gen.first_step_logits is not None:
+                    record["first_step_logits"] = gen.first_step_logits.tolist()
+                record.update(gen.timings)
+                n_ok += 1
+            if writer is not None:
+                writer.write(record)
+                log(f"request {req.id}: " + (f"error: {req.error}" if req.error else
+                    f"{len(req.context_ids)} context + {len(req.query_ids)} query tokens, "
+                    f"phase1 {record['phase1_s']:.3f}s, phase2 {record['phase2_s']:.3f}s"))
+        if writer is not None:
+            writer.close()
+            log(f"done: {n_ok} answered, {n_err} with errors -> {inf.output_path}")
+    finally:
+        destroy_parallel()
+    return 0
