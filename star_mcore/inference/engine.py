@@ -68,8 +68,16 @@ class Engine:
             chunks = ring_chunks(len(context_ids), g.cp_size)
             a, b = chunks[g.cp_rank]
             pos = torch.cat([torch.arange(a.start, a.end), torch.arange(b.start, b.end)])
-            m.runtime.step = EncodeRing(self.attn, cache, g.cp, chunks)
-            m.hidden(context_ids[pos], pos)
+            step = EncodeRing(self.attn, cache, g.cp, chunks)
+            if len(pos) == 0:
+                # A context shorter than the CP group leaves this host no tokens; it still relays KV.
+                tp = g.tp.size()
+                empty = lambda h: torch.empty(1, h // tp, 0, m.arch.head_dim, dtype=m.dtype, device=g.device)  # noqa: E731
+                for layer in range(m.arch.num_layers):
+                    step(layer, empty(m.arch.num_heads), empty(m.arch.num_kv_heads), empty(m.arch.num_kv_heads), 1.0)
+            else:
+                m.runtime.step = step
+                m.hidden(context_ids[pos], pos)
         else:
             raise ValueError(f"unknown context_parallel_mode {s.mode!r}")
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.rope import inv_frequencies, rotary_angles
 from ..parallel.groups import ParallelGroups
+from ..parallel.tensor_parallel import gather_vocab_shards
 from .arch import LlamaArch
 from .core_attention import AttentionRuntime, StarCoreAttention
 
@@ -80,6 +81,7 @@ class StarLlama:
         self.arch = arch
         self.dtype = DTYPES[precision]
         self.device = groups.device
+        self.tp = groups.tp
         self.runtime = AttentionRuntime()
         config = transformer_config(arch, tp, groups.cp_size, self.dtype, on_cpu=self.device.type == "cpu")
         self.gpt = GPTModel(
@@ -89,7 +91,7 @@ class StarLlama:
             max_sequence_length=arch.max_position_embeddings,
             pre_process=True,
             post_process=True,
-            parallel_output=False,  # gather the vocab shards: every TP rank sees full logits
+            parallel_output=True,  # vocab-sharded logits; gathered by parallel.gather_vocab_shards
             share_embeddings_and_output_weights=False,
             position_embedding_type="none",  # RoPE frequencies come from position ids, below
             pg_collection=groups.pg_collection,
@@ -106,4 +108,4 @@ class StarLlama:
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [s, 1, h] -> float32 logits [s, vocab] (padding rows dropped)."""
         out, _ = self.gpt.output_layer(hidden)
-        return out[:, 0, : self.arch.vocab_size].float()
+        return gather_vocab_shards(out[:, 0].float(), self.tp)[:, : self.arch.vocab_size]

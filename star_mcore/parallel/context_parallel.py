@@ -13,7 +13,7 @@ from ..ops.merge import merge_partials
 
 Tensor = torch.Tensor
 # torch >= 2.13 renamed all_gather_into_tensor (the old name warns); older torch only has the old one.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tuple[Tensor, Tensor]:
@@ -27,7 +27,7 @@ def gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup) -> Tuple[Te
         return out, lse
     packed = torch.cat([out.float(), lse.float()[..., None]], dim=-1).contiguous()
     gathered = packed.new_empty((size * packed.shape[0],) + packed.shape[1:])
-    _all_gather_single(gathered, packed, group=group)
+    all_gather_single(gathered, packed, group=group)
     gathered = gathered.view((size,) + packed.shape)
     merged, merged_lse = merge_partials(gathered[..., :-1], gathered[..., -1])
     return merged.to(out.dtype), merged_lse

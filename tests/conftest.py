@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from star_mcore.model.tiny import make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gqa_ckpt(tmp_path_factory):
+    """Tiny GQA Llama: 4 query heads over 2 KV heads; an odd vocabulary exercises TP vocab padding."""
+    return str(make_tiny_llama(tmp_path_factory.mktemp("gqa"), vocab_size=101, hidden_size=64, intermediate_size=96,
+                               num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512, seed=3))
+
+
+@pytest.fixture(scope="session")
+def mha_tied_ckpt(tmp_path_factory):
+    """Tiny MHA Llama with tied input/output embeddings."""
+    return str(make_tiny_llama(tmp_path_factory.mktemp("mha"), vocab_size=64, hidden_size=32, intermediate_size=64,
+                               num_layers=2, num_heads=2, num_kv_heads=2, tie_word_embeddings=True,
+                               max_position_embeddings=256, seed=5))

@@ -1,0 +1,58 @@
+"""Real multi-rank runs on one CPU box: one spawned process per rank, gloo, results back through a queue."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable, List
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        q.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the test
+        q.put((rank, False, traceback.format_exc()))
+
+
+def run_world(world: int, fn: Callable, *args: Any, timeout: float = 600) -> List[Any]:
+    """Run ``fn(*args)`` on ``world`` ranks (env set as torchrun would); return each rank's result.
+
+    ``fn`` must be importable (module level) and return picklable plain data.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, ok, value = q.get(timeout=timeout)
+            (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+            if errors:
+                break
+    except queue.Empty:
+        errors.append(f"timed out after {timeout}s waiting for {world - len(results)} rank(s)")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world)]

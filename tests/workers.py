@@ -1,0 +1,97 @@
+"""Functions that run on every rank of a spawned world (see distributed.run_world)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from star_mcore.inference.engine import Engine, EngineSettings
+from star_mcore.inference.kv_cache import KVCache
+from star_mcore.inference.steps import EncodeSegment, QueryStep
+from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
+from star_mcore.ops import math_attention
+from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
+
+
+def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32"):
+    device = init_process_group("cpu", 120)
+    groups = initialize_parallel(tp, cp, device, 120)
+    model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, precision)
+    load_hf_llama(model, ckpt, groups.tp_rank, tp)
+    return groups, model
+
+
+def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
+            full_logits_ids: Optional[List[int]] = None, backend: str = "auto") -> dict:
+    """Everything one world checks, with one model load:
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n} -> tokens (+ first-step logits where this rank has them)
+    - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
+    - ``full_logits_ids``: all-position logits of one causal forward (single rank)."""
+    groups, model = _setup(ckpt, tp, cp)
+    res: Dict[str, Any] = {"cases": {}, "phase2": {}}
+    try:
+        for c in cases:
+            eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+                                                       tokens_to_generate=c["n"], attention_backend=backend))
+            gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
+            r = {"tokens": gen.generated_ids}
+            if gen.first_step_logits is not None:
+                r["logits"] = gen.first_step_logits.tolist()
+            res["cases"][c["name"]] = r
+        for c in phase2:
+            res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
+        if full_logits_ids is not None:
+            model.runtime.step = EncodeSegment(math_attention, KVCache(model.arch.num_layers))
+            with torch.inference_mode():
+                ids = torch.tensor(full_logits_ids)
+                res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
+    finally:
+        destroy_parallel()
+    return res
+
+
+class _Recorder:
+    """Wraps a step and keeps, per layer, q, the new k, v, and the output."""
+
+    def __init__(self, step):
+        self.step, self.seen = step, {}
+
+    def __call__(self, layer, q, k, v, scale):
+        out = self.step(layer, q, k, v, scale)
+        self.seen[layer] = (q.clone(), k.clone(), v.clone(), out.clone(), scale)
+        return out
+
+
+def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: int, anchor: int) -> float:
+    """Star phase 1, then one phase-2 pass; per layer, compare the merged attention output with global
+    attention (one softmax) over the union of every host's KV plus the query's own causally.
+    Returns the largest absolute difference seen on this rank."""
+    eng = Engine(model, groups, EngineSettings(mode="star", block_size=block, anchor_size=anchor, tokens_to_generate=1,
+                                               attention_backend="sdpa_flash"))
+    cache = KVCache(model.arch.num_layers)
+    eng.prefill(torch.tensor(ctx), cache)
+    with torch.inference_mode():
+        held = {layer: tuple(t.clone() for t in cache.get(layer, like=torch.empty(1, 1, 0, 1)))
+                for layer in range(model.arch.num_layers)}
+        rec = _Recorder(QueryStep(eng.attn, cache, groups.cp, groups.is_query_host))
+        model.runtime.step = rec
+        model.hidden(torch.tensor(qry), torch.arange(len(ctx), len(ctx) + len(qry)))
+    worst = 0.0
+    for layer, (q, k, v, out, scale) in rec.seen.items():
+        every = [None] * groups.cp_size
+        dist.all_gather_object(every, held[layer], group=groups.cp)
+        ks = torch.cat([e[0] for e in every if e[0].shape[2]] + [k], dim=2)
+        vs = torch.cat([e[1] for e in every if e[1].shape[2]] + [v], dim=2)
+        assert ks.shape[2] == len(ctx) + len(qry), "the hosts' caches must hold every context token once"
+        # Global attention: query i sees all context keys and query keys 0..i.
+        rep = q.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
+        scores = (q.double() @ ks.double().transpose(-1, -2)) * scale
+        n, s = len(ctx), len(qry)
+        mask = torch.ones(s, n + s, dtype=torch.bool)
+        mask[:, n:] = torch.ones(s, s, dtype=torch.bool).tril()
+        ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vs.double()
+        worst = max(worst, (out.double() - ref).abs().max().item())
+    return worst
