@@ -1,0 +1,123 @@
+"""The user's contract: torchrun + `-m star_mcore generate --config ... key=value`, JSONL in and out,
+per-request errors in the output, and one clear line for bad runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import free_port
+from hf_reference import global_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "demo_cpu.yaml")
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def torchrun(nproc, overrides, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "star_mcore", "generate", "--config", CONFIG, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def star_mcore(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "star_mcore", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def requests_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(5)
+    good = lambda n: torch.randint(0, 101, (n,), generator=g).tolist()  # noqa: E731
+    lines = [
+        json.dumps({"id": "a", "context_ids": good(45), "query_ids": good(4)}),
+        "{not json",
+        json.dumps({"id": "oov", "context_ids": [1, 2, 500], "query_ids": [3]}),
+        json.dumps({"id": "empty", "context_ids": [], "query_ids": [3]}),
+        json.dumps({"id": "long", "context_ids": good(510), "query_ids": [3]}),
+        json.dumps({"id": "text", "context": "hello", "query": "world"}),
+        json.dumps({"id": "b", "context_ids": good(30), "query_ids": good(2)}),
+    ]
+    path = tmp_path_factory.mktemp("req") / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run_mode(gqa_ckpt, requests_file, tmp_path, nproc, overrides):
+    out = tmp_path / "out.jsonl"
+    res = torchrun(nproc, [f"checkpoint.hf_path={gqa_ckpt}", f"inference.input_path={requests_file}",
+                           f"inference.output_path={out}", "inference.tokens_to_generate=5", "inference.save_logits=true",
+                           "inference.block_size=16", "inference.anchor_size=16", *overrides])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def outputs(gqa_ckpt, requests_file, tmp_path_factory):
+    runs = {
+        "none": (1, ["inference.context_parallel_mode=none", "model.context_parallel_size=1"]),
+        "ring": (4, ["inference.context_parallel_mode=ring", "model.context_parallel_size=2",
+                     "model.tensor_model_parallel_size=2"]),
+        "star": (4, ["inference.context_parallel_mode=star", "model.context_parallel_size=4"]),
+    }
+    return {name: _run_mode(gqa_ckpt, requests_file, tmp_path_factory.mktemp(name), n, o) for name, (n, o) in runs.items()}
+
+
+@pytest.mark.parametrize("mode", ["none", "ring", "star"])
+def test_every_request_gets_a_line_in_order(outputs, mode):
+    recs = outputs[mode]
+    assert [r["id"] for r in recs] == ["a", "line-2", "oov", "empty", "long", "text", "b"]
+    errors = {r["id"]: r.get("error", "") for r in recs}
+    assert "line 2 is not valid JSON" in errors["line-2"]
+    assert "token id 500 outside the vocabulary [0, 101)" in errors["oov"]
+    assert errors["empty"] == "empty context"
+    assert "exceeds the model's max positions (512)" in errors["long"]
+    assert "has no tokenizer" in errors["text"]
+    for r in (recs[0], recs[-1]):
+        assert "error" not in r and len(r["generated_ids"]) == 5
+        assert len(r["first_step_logits"]) == 101
+        assert r["phase1_s"] >= 0 and r["phase2_s"] > 0 and r["decode_tokens_per_s"] > 0
+
+
+def test_ring_and_none_match_hf_through_the_cli(outputs, requests_file, gqa_ckpt):
+    reqs = {r.get("id"): r for r in map(json.loads, [x for x in requests_file.read_text().splitlines() if x.startswith("{\"")])}
+    for rid in ("a", "b"):
+        tokens, logits = global_generate(gqa_ckpt, reqs[rid]["context_ids"], reqs[rid]["query_ids"], 5)
+        for mode in ("none", "ring"):
+            rec = next(r for r in outputs[mode] if r["id"] == rid)
+            assert rec["generated_ids"] == tokens
+            assert (torch.tensor(rec["first_step_logits"]) - logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inference.anchor_size=64", "inference.block_size=32"], "must be <= inference.block_size (32)"),
+    (["inference.context_parallel_mode=galaxy"], "must be one of star, ring, none, got 'galaxy'"),
+    (["checkpoint.hf_path=/nonexistent"], "checkpoint.hf_path=/nonexistent: not an HF checkpoint directory"),
+    (["inference.input_path=/nonexistent.jsonl"], "inference.input_path=/nonexistent.jsonl: file not found"),
+    (["model.context_parallel_size=4"], "world size 1 != tensor_model_parallel_size (1) x context_parallel_size (4)"),
+    (["model.tensor_model_parallel_size=3", "model.context_parallel_size=1"], "world size 1 != "),
+])
+def test_bad_runs_fail_with_one_clear_line(gqa_ckpt, requests_file, tmp_path, args, message):
+    base = [f"checkpoint.hf_path={gqa_ckpt}", f"inference.input_path={requests_file}",
+            f"inference.output_path={tmp_path / 'o.jsonl'}"]
+    res = star_mcore("generate", "--config", CONFIG, *base, *args)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("star-mcore: error: "), res.stderr
+    assert message in lines[0]
+
+
+def test_config_command_prints_the_resolved_config():
+    res = star_mcore("config", "--config", CONFIG, "checkpoint.hf_path=/m", "inference.input_path=i",
+                     "inference.output_path=o", "inference.context_parallel_mode=ring")
+    assert res.returncode == 0
+    assert "context_parallel_mode: ring" in res.stdout and "hf_path: /m" in res.stdout

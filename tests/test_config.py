@@ -1,0 +1,50 @@
+"""The typed config: YAML + overrides, refusals with the key's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from star_mcore.config import load_config, to_yaml
+from star_mcore.errors import ConfigError
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml")
+REQUIRED = ["checkpoint.hf_path=/ckpt", "inference.input_path=in.jsonl", "inference.output_path=out.jsonl"]
+
+
+def test_yaml_plus_overrides():
+    cfg = load_config(DEMO, REQUIRED + ["inference.context_parallel_mode=ring", "model.context_parallel_size=2"])
+    assert cfg.inference.context_parallel_mode == "ring"
+    assert cfg.model.context_parallel_size == 2
+    assert cfg.trainer.accelerator == "cpu" and cfg.model.precision == "fp32"
+    assert "context_parallel_mode: ring" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["inference.anchor_size=2048", "inference.block_size=1024"],
+     "inference.anchor_size (2048) must be <= inference.block_size (1024)"),
+    (["inference.block_size=0"], "inference.block_size must be > 0, got 0"),
+    (["inference.context_parallel_mode=tree"], "inference.context_parallel_mode must be one of star, ring, none, got 'tree'"),
+    (["model.precision=fp8"], "model.precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    (["inference.context_parallel_mode=none"], "set model.context_parallel_size=1 (got 4)"),
+    (["inference.tokens_to_generate=0"], "inference.tokens_to_generate must be >= 1"),
+    (["inference.blok_size=5"], "inference.blok_size"),
+    (["model.context_parallel_size=four"], "model.context_parallel_size"),
+    (["inference.block_size"], "overrides must look like key=value"),
+])
+def test_bad_values_are_refused_with_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, REQUIRED + overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_required_values_are_named():
+    with pytest.raises(ConfigError, match="missing required config value"):
+        load_config(DEMO, ["checkpoint.hf_path=/x"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml", REQUIRED)
