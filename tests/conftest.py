@@ -21,3 +21,19 @@ def mha_tied_ckpt(tmp_path_factory):
     return str(make_tiny_llama(tmp_path_factory.mktemp("mha"), vocab_size=64, hidden_size=32, intermediate_size=64,
                                num_layers=2, num_heads=2, num_kv_heads=2, tie_word_embeddings=True,
                                max_position_embeddings=256, seed=5))
+
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+@pytest.fixture(scope="session")
+def text_ckpt(tmp_path_factory):
+    """Tiny Llama with a tiny trained BPE tokenizer (vocab 96 <= the model's 101) in the same directory."""
+    from star_mcore.model.tiny import train_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("text")
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) + f" {i}" for i in range(300)]
+    train_tiny_tokenizer(path, texts, vocab_size=96)
+    make_tiny_llama(path, vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=512, eos_token_id=2, seed=7)
+    return str(path)

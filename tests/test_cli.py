@@ -121,3 +121,31 @@ def test_config_command_prints_the_resolved_config():
                      "inference.output_path=o", "inference.context_parallel_mode=ring")
     assert res.returncode == 0
     assert "context_parallel_mode: ring" in res.stdout and "hf_path: /m" in res.stdout
+
+
+def test_text_requests_use_the_checkpoint_tokenizer(text_ckpt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import WORDS
+
+    tok = AutoTokenizer.from_pretrained(text_ckpt, local_files_only=True)
+    context = " ".join(WORDS[i % 16] for i in range(0, 90, 3))
+    query = " kilo lima"
+    ctx_ids = [tok.bos_token_id] + tok.encode(context, add_special_tokens=False)
+    qry_ids = tok.encode(query, add_special_tokens=False)
+    assert tok.decode(ctx_ids[1:]) == context  # round trip
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"id": "t", "context": context, "query": query}) + "\n"
+                   + json.dumps({"id": "i", "context_ids": ctx_ids, "query_ids": qry_ids}) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = torchrun(2, [f"checkpoint.hf_path={text_ckpt}", f"inference.input_path={req}", f"inference.output_path={out}",
+                       "inference.context_parallel_mode=star", "model.context_parallel_size=2",
+                       "inference.block_size=16", "inference.anchor_size=8", "inference.tokens_to_generate=6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    text_rec, ids_rec = [json.loads(line) for line in out.read_text().splitlines()]
+    assert text_rec["generated_ids"] == ids_rec["generated_ids"]
+    assert text_rec["text"] == tok.decode(text_rec["generated_ids"], skip_special_tokens=True)
+    assert "text" not in ids_rec
+    # the checkpoint's EOS (2) ends generation early when it is produced
+    gen = text_rec["generated_ids"]
+    assert len(gen) == 6 or gen[-1] == 2

@@ -35,13 +35,17 @@ WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp3": (1, 3), "cp4": (1, 4), "tp2cp2": 
 PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a} for a in (0, 4, 8)]
 
 
-def _cases(world):
+def _cases(world, ckpt):
     cases = []
     for lname, (ctx, qry) in CONTEXTS.items():
         for vname, (mode, block, anchor) in VARIANTS.items():
             cases.append(dict(name=f"{lname}/{vname}", mode=mode, block=block, anchor=anchor, ctx=ctx, qry=qry, n=N_NEW))
         if world == "cp1":
             cases.append(dict(name=f"{lname}/none", mode="none", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW))
+    # EOS: the reference's second token is declared EOS, so generation must stop right after it.
+    ctx, qry = CONTEXTS["L37"]
+    eos = reference(ckpt, "L37", "none", 8, 8)[0][1]
+    cases.append(dict(name="L37/ring-eos", mode="ring", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW, eos=[eos]))
     return cases
 
 
@@ -53,7 +57,7 @@ def world_results(ckpt, world):
     if world not in _results:
         tp, cp = WORLDS[world]
         full = CONTEXTS["L37"][0] if world == "cp1" else None
-        _results[world] = run_world(tp * cp, battery, ckpt, tp, cp, _cases(world), PHASE2, full)
+        _results[world] = run_world(tp * cp, battery, ckpt, tp, cp, _cases(world, ckpt), PHASE2, full)
     return _results[world]
 
 
@@ -131,3 +135,23 @@ def test_tied_embeddings_mha_matches_hf(mha_tied_ckpt):
     tokens, logits = star_generate(mha_tied_ckpt, ctx, qry, N_NEW, 8, 8)
     assert (torch.tensor(got["star"]["logits"]) - logits).abs().max().item() <= TOL
     assert got["star"]["tokens"] == tokens
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_generation_stops_at_eos(gqa_ckpt, world):
+    tokens, _ = reference(gqa_ckpt, "L37", "none", 8, 8)
+    got = query_host_result(gqa_ckpt, world, "L37/ring-eos")["tokens"]
+    assert got == tokens[:2] and len(tokens) == N_NEW
+
+
+def test_bf16_ring_and_star_track_fp32_global_attention(gqa_ckpt):
+    """bf16 end to end on CP=2: the exact modes stay within bf16 rounding of the fp32 reference."""
+    ctx, qry = CONTEXTS["L64"]
+    cases = [dict(name=v, mode=VARIANTS[v][0], block=VARIANTS[v][1], anchor=VARIANTS[v][2], ctx=ctx, qry=qry, n=N_NEW)
+             for v in ("ring", "star-1block")]
+    ranks = run_world(2, battery, gqa_ckpt, 1, 2, cases, (), None, "auto", "bf16")
+    _, logits = reference(gqa_ckpt, "L64", "none", 8, 8)
+    for v in ("ring", "star-1block"):
+        got = torch.tensor(ranks[1]["cases"][v]["logits"])
+        assert (got - logits).abs().max().item() < 0.15
+        assert ranks[0]["cases"][v]["tokens"] == ranks[1]["cases"][v]["tokens"]

@@ -24,17 +24,18 @@ def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32"):
 
 
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
-            full_logits_ids: Optional[List[int]] = None, backend: str = "auto") -> dict:
+            full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32") -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n} -> tokens (+ first-step logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)."""
-    groups, model = _setup(ckpt, tp, cp)
+    groups, model = _setup(ckpt, tp, cp, precision)
     res: Dict[str, Any] = {"cases": {}, "phase2": {}}
     try:
         for c in cases:
             eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
-                                                       tokens_to_generate=c["n"], attention_backend=backend))
+                                                       tokens_to_generate=c["n"], attention_backend=backend,
+                                                       eos_token_ids=tuple(c.get("eos", ()))))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
             r = {"tokens": gen.generated_ids}
             if gen.first_step_logits is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -54,4 +54,24 @@ def make_tiny_llama(path: str | Path, *, vocab_size: int = 256, hidden_size: int
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}, indent=2))
+    return path
+
+
+def train_tiny_tokenizer(path: str | Path, texts: List[str], vocab_size: int = 96) -> Path:
+    """Train a small byte-level BPE on ``texts`` and save it in HF layout (tokenizer.json + tokenizer_config.json)
+    with <s> / </s> / <unk> specials, so AutoTokenizer loads it offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 1 << 30}, indent=2))
     return path
