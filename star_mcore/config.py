@@ -15,6 +15,8 @@ from .errors import ConfigError
 MODES = ("star", "ring", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("cpu", "gpu")
+ANCHOR_MODES = ("shared", "recompute")
+PARTITIONS = ("uniform", "balanced")
 ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 
 
@@ -40,6 +42,8 @@ class InferenceConfig:
     context_parallel_mode: str = "star"  # star | ring | none
     block_size: int = 4096  # star: context tokens per block
     anchor_size: int = 4096  # star: tokens of c[0:anchor_size] prepended to blocks k >= 1; 0 = no anchor
+    anchor_mode: str = "shared"  # star: shared (block 0's host sends the anchor KV) | recompute (paper: re-encode)
+    partition: str = "uniform"  # star: uniform (blocks of block_size) | balanced (block 0 = block + anchor tokens)
     tokens_to_generate: int = 32
     input_path: str = MISSING  # JSONL: {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
     output_path: str = MISSING  # JSONL, one line per request, in input order
@@ -99,6 +103,9 @@ def validate(cfg: RunConfig) -> None:
 
     need(inf.context_parallel_mode in MODES,
          f"inference.context_parallel_mode must be one of {', '.join(MODES)}, got {inf.context_parallel_mode!r}")
+    need(inf.anchor_mode in ANCHOR_MODES,
+         f"inference.anchor_mode must be one of {', '.join(ANCHOR_MODES)}, got {inf.anchor_mode!r}")
+    need(inf.partition in PARTITIONS, f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
     need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
     need(cfg.trainer.accelerator in ACCELERATORS,
          f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.trainer.accelerator!r}")

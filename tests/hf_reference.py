@@ -4,7 +4,7 @@ star algorithm done by hand on HF's own KV cache (blocks with anchor, anchor KV 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -44,13 +44,17 @@ def global_generate(path: str, ctx: List[int], qry: List[int], n: int) -> Tuple[
 
 
 @torch.no_grad()
-def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int) -> Tuple[List[int], torch.Tensor]:
+def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
+                  first_block: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
     """Star Attention by hand: block k >= 1 encoded as anchor ++ block with positions [0..a) ++ block's own,
-    the anchor's KV dropped; then the query attends to all kept KV and causally to itself."""
+    the anchor's KV dropped; then the query attends to all kept KV and causally to itself.
+    ``first_block`` sizes block 0 (the balanced partition)."""
     hf = load_hf(path)
     parts = []
-    for s in range(0, len(ctx), block):
-        blk = ctx[s:s + block]
+    first = first_block or block
+    starts = [0] + list(range(first, len(ctx), block))
+    for s, e in zip(starts, starts[1:] + [len(ctx)]):
+        blk = ctx[s:e]
         a = anchor if s > 0 else 0
         ids = ctx[:a] + blk
         pos = list(range(a)) + list(range(s, s + len(blk)))

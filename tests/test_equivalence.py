@@ -23,23 +23,31 @@ def _contexts():
 
 
 CONTEXTS = _contexts()
-# name -> (mode, block, anchor)
+# name -> (mode, block, anchor, anchor_mode, partition); star variants default to the shared anchor
 VARIANTS = {
-    "ring": ("ring", 8, 8),
-    "star-1block": ("star", 128, 128),
-    "star-a0": ("star", 8, 0),
-    "star-a4": ("star", 8, 4),
-    "star-a8": ("star", 8, 8),
+    "ring": ("ring", 8, 8, "shared", "uniform"),
+    "star-1block": ("star", 128, 128, "shared", "uniform"),
+    "star-a0": ("star", 8, 0, "shared", "uniform"),
+    "star-a4": ("star", 8, 4, "shared", "uniform"),
+    "star-a8": ("star", 8, 8, "shared", "uniform"),
+    "star-a4-recompute": ("star", 8, 4, "recompute", "uniform"),
+    "star-a8-recompute": ("star", 8, 8, "recompute", "uniform"),
+    "star-a8-balanced": ("star", 8, 8, "shared", "balanced"),
+    "star-a4-balanced-recompute": ("star", 8, 4, "recompute", "balanced"),
 }
 WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp3": (1, 3), "cp4": (1, 4), "tp2cp2": (2, 2)}
+# shared vs recompute phase 1: several blocks per host (L64 / block 4 = 16 blocks), anchor < and = block
+KV_PAIRS = [{"name": f"b{b}-a{a}-{p}", "ctx": CONTEXTS["L64"][0], "block": b, "anchor": a, "partition": p}
+            for b, a in ((4, 2), (4, 4), (8, 8)) for p in ("uniform", "balanced")]
 PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a} for a in (0, 4, 8)]
 
 
 def _cases(world, ckpt):
     cases = []
     for lname, (ctx, qry) in CONTEXTS.items():
-        for vname, (mode, block, anchor) in VARIANTS.items():
-            cases.append(dict(name=f"{lname}/{vname}", mode=mode, block=block, anchor=anchor, ctx=ctx, qry=qry, n=N_NEW))
+        for vname, (mode, block, anchor, anchor_mode, partition) in VARIANTS.items():
+            cases.append(dict(name=f"{lname}/{vname}", mode=mode, block=block, anchor=anchor, ctx=ctx, qry=qry, n=N_NEW,
+                              anchor_mode=anchor_mode, partition=partition))
         if world == "cp1":
             cases.append(dict(name=f"{lname}/none", mode="none", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW))
     # EOS: the reference's second token is declared EOS, so generation must stop right after it.
@@ -57,7 +65,8 @@ def world_results(ckpt, world):
     if world not in _results:
         tp, cp = WORLDS[world]
         full = CONTEXTS["L37"][0] if world == "cp1" else None
-        _results[world] = run_world(tp * cp, battery, ckpt, tp, cp, _cases(world, ckpt), PHASE2, full)
+        _results[world] = run_world(tp * cp, battery, ckpt, tp, cp, _cases(world, ckpt), PHASE2, full,
+                                    "auto", "fp32", KV_PAIRS)
     return _results[world]
 
 
@@ -72,10 +81,10 @@ def query_host_result(ckpt, world, name):
 
 
 @lru_cache(maxsize=None)
-def reference(ckpt, lname, mode, block, anchor):
+def reference(ckpt, lname, mode, block, anchor, partition="uniform"):
     ctx, qry = CONTEXTS[lname]
     if mode == "star":
-        return star_generate(ckpt, ctx, qry, N_NEW, block, anchor)
+        return star_generate(ckpt, ctx, qry, N_NEW, block, anchor, block + anchor if partition == "balanced" else None)
     return global_generate(ckpt, ctx, qry, N_NEW)
 
 
@@ -84,9 +93,9 @@ def reference(ckpt, lname, mode, block, anchor):
 def test_matches_reference(gqa_ckpt, world, lname, variant):
     """none, ring and star-with-one-block equal global attention (HF); star equals the algorithm done by
     hand on HF's KV cache."""
-    mode, block, anchor = VARIANTS.get(variant, ("none", 8, 8))
+    mode, block, anchor, _, partition = VARIANTS.get(variant, ("none", 8, 8, "shared", "uniform"))
     got = query_host_result(gqa_ckpt, world, f"{lname}/{variant}")
-    tokens, logits = reference(gqa_ckpt, lname, mode, block, anchor)
+    tokens, logits = reference(gqa_ckpt, lname, mode, block, anchor, partition)
     assert torch.tensor(got["logits"]).sub(logits).abs().max().item() <= TOL
     assert got["tokens"] == tokens
 
@@ -155,3 +164,26 @@ def test_bf16_ring_and_star_track_fp32_global_attention(gqa_ckpt):
         got = torch.tensor(ranks[1]["cases"][v]["logits"])
         assert (got - logits).abs().max().item() < 0.15
         assert ranks[0]["cases"][v]["tokens"] == ranks[1]["cases"][v]["tokens"]
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+@pytest.mark.parametrize("case", [c["name"] for c in KV_PAIRS])
+def test_shared_anchor_gives_the_same_kv_as_recompute(gqa_ckpt, world, case):
+    """Sending block 0's anchor KV instead of re-encoding the anchor changes no number (fp32 rounding)."""
+    held = 0
+    for rank_result in world_results(gqa_ckpt, world):
+        r = rank_result["kv_pairs"][case]
+        assert r["max_diff"] <= 1e-5
+        held += r["held"]
+    tp, _ = WORLDS[world]
+    assert held == tp * len(CONTEXTS["L64"][0])  # every context token is held by exactly one host
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+@pytest.mark.parametrize("lname", list(CONTEXTS))
+@pytest.mark.parametrize("anchor", [4, 8])
+def test_shared_and_recompute_give_the_same_logits(gqa_ckpt, world, lname, anchor):
+    shared = query_host_result(gqa_ckpt, world, f"{lname}/star-a{anchor}")
+    recompute = query_host_result(gqa_ckpt, world, f"{lname}/star-a{anchor}-recompute")
+    assert (torch.tensor(shared["logits"]) - torch.tensor(recompute["logits"])).abs().max().item() <= 1e-5
+    assert shared["tokens"] == recompute["tokens"]

@@ -107,6 +107,14 @@ def test_star_blocks_cover_the_context_contiguously(L, b, P):
     assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
 
 
+def test_balanced_partition_enlarges_block_zero():
+    hosts = star_blocks(40, 8, 2, first_block_size=12)  # block + anchor = 8 + 4
+    flat = [(b.start, b.end) for h in hosts for b in h]
+    assert flat == [(0, 12), (12, 20), (20, 28), (28, 36), (36, 40)]
+    assert [len(h) for h in hosts] == [3, 2]
+    assert [(b.start, b.end) for h in star_blocks(10, 8, 2, first_block_size=12) for b in h] == [(0, 10)]
+
+
 def test_star_block_tokens_prepend_the_anchor_with_its_own_positions():
     ctx = torch.arange(100, 140)
     blocks = star_blocks(40, 16, 2)

@@ -24,23 +24,29 @@ def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32"):
 
 
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
-            full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32") -> dict:
+            full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
+            kv_pairs: List[dict] = ()) -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?} -> tokens (+ first-step logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
-    - ``full_logits_ids``: all-position logits of one causal forward (single rank)."""
+    - ``full_logits_ids``: all-position logits of one causal forward (single rank)
+    - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
     groups, model = _setup(ckpt, tp, cp, precision)
-    res: Dict[str, Any] = {"cases": {}, "phase2": {}}
+    res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {}}
     try:
         for c in cases:
             eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
                                                        tokens_to_generate=c["n"], attention_backend=backend,
-                                                       eos_token_ids=tuple(c.get("eos", ()))))
+                                                       eos_token_ids=tuple(c.get("eos", ())),
+                                                       anchor_mode=c.get("anchor_mode", "shared"),
+                                                       partition=c.get("partition", "uniform")))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
             r = {"tokens": gen.generated_ids}
             if gen.first_step_logits is not None:
                 r["logits"] = gen.first_step_logits.tolist()
             res["cases"][c["name"]] = r
+        for c in kv_pairs:
+            res["kv_pairs"][c["name"]] = shared_vs_recompute_kv(groups, model, c)
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
         if full_logits_ids is not None:
@@ -51,6 +57,26 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
     finally:
         destroy_parallel()
     return res
+
+
+def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
+    """Phase 1 with the anchor shared and recomputed: this rank's KV caches must hold the same tokens
+    and agree to fp32 rounding. Returns {tokens held, max |difference|}."""
+    caches = {}
+    for mode in ("shared", "recompute"):
+        eng = Engine(model, groups, EngineSettings(mode="star", block_size=c["block"], anchor_size=c["anchor"],
+                                                   tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
+        caches[mode] = KVCache(model.arch.num_layers)
+        eng.prefill(torch.tensor(c["ctx"]), caches[mode])
+    like = torch.empty(1, 1, 0, 1)
+    worst, held = 0.0, len(caches["shared"])
+    assert held == len(caches["recompute"])
+    for layer in range(model.arch.num_layers):
+        for a, b in zip(caches["shared"].get(layer, like), caches["recompute"].get(layer, like)):
+            assert a.shape == b.shape
+            if a.numel():
+                worst = max(worst, (a - b).abs().max().item())
+    return {"held": held, "max_diff": worst}
 
 
 class _Recorder:

@@ -14,10 +14,11 @@ import torch.distributed as dist
 from ..model.llama import StarLlama
 from ..ops.attention import resolve_backend
 from ..ops.layout import ring_chunks, star_block_tokens, star_blocks
+from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import broadcast_from_last
 from ..parallel.groups import ParallelGroups
 from .kv_cache import KVCache
-from .steps import EncodeRing, EncodeSegment, QueryStep
+from .steps import EncodeFirstBlock, EncodeRing, EncodeSegment, EncodeWithAnchor, QueryStep, SharedAnchor
 
 Tensor = torch.Tensor
 
@@ -30,6 +31,8 @@ class EngineSettings:
     tokens_to_generate: int
     attention_backend: str = "auto"
     eos_token_ids: Sequence[int] = ()
+    anchor_mode: str = "shared"  # shared: block 0's host sends the anchor KV | recompute: every block re-encodes it
+    partition: str = "uniform"  # uniform: blocks of block_size | balanced: block 0 is block_size + anchor_size
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Engine:
     def __init__(self, model: StarLlama, groups: ParallelGroups, settings: EngineSettings) -> None:
         if settings.mode == "none" and groups.cp_size != 1:
             raise ValueError("context_parallel_mode=none needs context_parallel_size=1")
+        if settings.anchor_mode not in ("shared", "recompute") or settings.partition not in ("uniform", "balanced"):
+            raise ValueError(f"unknown anchor_mode {settings.anchor_mode!r} or partition {settings.partition!r}")
         self.model, self.groups, self.s = model, groups, settings
         self.attn = resolve_backend(settings.attention_backend, groups.device, model.dtype)
 
@@ -60,26 +65,57 @@ class Engine:
             m.runtime.step = EncodeSegment(self.attn, cache)
             m.hidden(context_ids, torch.arange(len(context_ids)))
         elif s.mode == "star":
-            for block in star_blocks(len(context_ids), s.block_size, g.cp_size)[g.cp_rank]:
-                ids, pos, n_anchor = star_block_tokens(context_ids, block, s.anchor_size)
-                m.runtime.step = EncodeSegment(self.attn, cache, n_drop=n_anchor)
-                m.hidden(ids, pos)
+            self._prefill_star(context_ids, cache)
         elif s.mode == "ring":
             chunks = ring_chunks(len(context_ids), g.cp_size)
             a, b = chunks[g.cp_rank]
             pos = torch.cat([torch.arange(a.start, a.end), torch.arange(b.start, b.end)])
             step = EncodeRing(self.attn, cache, g.cp, chunks)
             if len(pos) == 0:
-                # A context shorter than the CP group leaves this host no tokens; it still relays KV.
-                tp = g.tp.size()
-                empty = lambda h: torch.empty(1, h // tp, 0, m.arch.head_dim, dtype=m.dtype, device=g.device)  # noqa: E731
-                for layer in range(m.arch.num_layers):
-                    step(layer, empty(m.arch.num_heads), empty(m.arch.num_kv_heads), empty(m.arch.num_kv_heads), 1.0)
+                self._run_without_tokens(step)  # a context shorter than the CP group: still relay KV
             else:
                 m.runtime.step = step
                 m.hidden(context_ids[pos], pos)
         else:
             raise ValueError(f"unknown context_parallel_mode {s.mode!r}")
+
+    def _prefill_star(self, context_ids: Tensor, cache: KVCache) -> None:
+        g, m, s = self.groups, self.model, self.s
+        first = s.block_size + (s.anchor_size if s.partition == "balanced" else 0)
+        layout = star_blocks(len(context_ids), s.block_size, g.cp_size, first_block_size=first)
+        n_anchor = min(s.anchor_size, len(layout[0][0]))
+        needs_anchor = n_anchor > 0 and len(context_ids) > len(layout[0][0])
+        if s.anchor_mode == "recompute" or not needs_anchor:
+            for block in layout[g.cp_rank]:
+                ids, pos, n_drop = star_block_tokens(context_ids, block, n_anchor)
+                m.runtime.step = EncodeSegment(self.attn, cache, n_drop=n_drop)
+                m.hidden(ids, pos)
+            return
+        exchange = None
+        if g.cp_size > 1:
+            tp = g.tp.size()
+            shape = (1, m.arch.num_kv_heads // tp, n_anchor, m.arch.head_dim)
+            exchange = AnchorBroadcast(g.cp, m.arch.num_layers, shape, m.dtype, g.device)
+        anchor = SharedAnchor(m.arch.num_layers, exchange)
+        if not layout[g.cp_rank] and g.cp_rank != 0:
+            for layer in range(m.arch.num_layers):  # no blocks here, but every host takes part in the broadcast
+                anchor.get(layer)
+        for block in layout[g.cp_rank]:
+            pos = torch.arange(block.start, block.end)
+            if block.start == 0:
+                m.runtime.step = EncodeFirstBlock(self.attn, cache, anchor, n_anchor)
+            else:
+                m.runtime.step = EncodeWithAnchor(self.attn, cache, anchor)
+            m.hidden(context_ids[pos], pos)
+        anchor.finish()
+
+    def _run_without_tokens(self, step) -> None:
+        """Drive ``step`` through every layer with zero local tokens, for hosts that only relay."""
+        g, m = self.groups, self.model
+        tp = g.tp.size()
+        empty = lambda h: torch.empty(1, h // tp, 0, m.arch.head_dim, dtype=m.dtype, device=g.device)  # noqa: E731
+        for layer in range(m.arch.num_layers):
+            step(layer, empty(m.arch.num_heads), empty(m.arch.num_kv_heads), empty(m.arch.num_kv_heads), 1.0)
 
     @torch.inference_mode()
     def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False) -> Generation:

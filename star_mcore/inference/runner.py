@@ -61,7 +61,7 @@ def run_generation(cfg: RunConfig) -> int:
         engine = Engine(model, groups, EngineSettings(
             mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
             tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
-            eos_token_ids=tuple(arch.eos_token_ids)))
+            eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
         tokenizer = Tokenizer(cfg.checkpoint.hf_path)
         writer = ResultWriter(inf.output_path) if writer_rank else None
         n_ok = n_err = 0

@@ -5,13 +5,14 @@ Phase 1 encodes the context into the hosts' KV caches; phase 2 runs the query an
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..ops.attention import AttnFn, attend, attend_prefix_causal
 from ..ops.layout import Span
+from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import gather_merge, ring_attention
 from .kv_cache import KVCache
 
@@ -28,6 +29,57 @@ class EncodeSegment:
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         out, _ = attend(self.fn, q, k, v, causal=True, scale=scale)
         self.cache.append(layer, k[:, :, self.n_drop:], v[:, :, self.n_drop:])
+        return out
+
+
+class SharedAnchor:
+    """The anchor's per-layer K, V on one host during phase 1: published by the host that encodes block 0,
+    received once per layer by the others, reused for every later block of the host, dropped after phase 1."""
+
+    def __init__(self, num_layers: int, exchange: Optional[AnchorBroadcast]) -> None:
+        self.exchange = exchange
+        self.kv: List[Optional[Tuple[Tensor, Tensor]]] = [None] * num_layers
+
+    def publish(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self.kv[layer] = (k.contiguous(), v.contiguous())
+        if self.exchange is not None:
+            self.exchange.send(*self.kv[layer])
+
+    def get(self, layer: int) -> Tuple[Tensor, Tensor]:
+        if self.kv[layer] is None:
+            self.kv[layer] = self.exchange.recv(layer)
+        return self.kv[layer]
+
+    def finish(self) -> None:
+        if self.exchange is not None:
+            self.exchange.finish()
+
+
+class EncodeFirstBlock:
+    """Block 0 in shared-anchor mode: causal attention, all its KV cached, its first ``n_anchor`` tokens'
+    K, V published as the anchor."""
+
+    def __init__(self, fn: AttnFn, cache: KVCache, anchor: SharedAnchor, n_anchor: int) -> None:
+        self.fn, self.cache, self.anchor, self.n_anchor = fn, cache, anchor, n_anchor
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        self.anchor.publish(layer, k[:, :, : self.n_anchor], v[:, :, : self.n_anchor])
+        out, _ = attend(self.fn, q, k, v, causal=True, scale=scale)
+        self.cache.append(layer, k, v)
+        return out
+
+
+class EncodeWithAnchor:
+    """Block k >= 1 in shared-anchor mode: the block attends to the anchor's K, V without a mask and to
+    itself causally (two kernel calls merged by LSE); only the block's own KV is cached."""
+
+    def __init__(self, fn: AttnFn, cache: KVCache, anchor: SharedAnchor) -> None:
+        self.fn, self.cache, self.anchor = fn, cache, anchor
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        ak, av = self.anchor.get(layer)
+        out, _ = attend_prefix_causal(self.fn, q, ak, av, k, v, scale=scale)
+        self.cache.append(layer, k, v)
         return out
 
 

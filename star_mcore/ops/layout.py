@@ -6,7 +6,7 @@ Pure index arithmetic on context length L; no tensors of the model, no process g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -28,12 +28,18 @@ def even_split(n: int, parts: int) -> List[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def star_blocks(context_len: int, block_size: int, cp_size: int) -> List[List[Span]]:
+def star_blocks(context_len: int, block_size: int, cp_size: int, first_block_size: Optional[int] = None) -> List[List[Span]]:
     """Cut the context into blocks of ``block_size`` (the last may be shorter) and spread them
-    contiguously over ``cp_size`` hosts. Returns the blocks of each host (possibly none)."""
-    if block_size <= 0:
-        raise ValueError("block_size must be positive")
-    blocks = [Span(s, min(s + block_size, context_len)) for s in range(0, context_len, block_size)]
+    contiguously over ``cp_size`` hosts. Returns the blocks of each host (possibly none).
+
+    ``first_block_size`` (default ``block_size``) sizes block 0 alone: the balanced partition gives it
+    ``block_size + anchor_size`` tokens, since its host encodes no anchor.
+    """
+    first = block_size if first_block_size is None else first_block_size
+    if block_size <= 0 or first <= 0:
+        raise ValueError("block sizes must be positive")
+    starts = [0] + list(range(first, context_len, block_size))
+    blocks = [Span(s, min(e, context_len)) for s, e in zip(starts, starts[1:] + [context_len]) if s < context_len]
     out, i = [], 0
     for count in even_split(len(blocks), cp_size):
         out.append(blocks[i:i + count])
