@@ -15,8 +15,8 @@ from star_mcore.ops import math_attention
 from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
 
 
-def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32"):
-    device = init_process_group("cpu", 120)
+def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32", accelerator: str = "cpu"):
+    device = init_process_group(accelerator, 120)
     groups = initialize_parallel(tp, cp, device, 120)
     model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, precision)
     load_hf_llama(model, ckpt, groups.tp_rank, tp)
@@ -25,13 +25,13 @@ def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32"):
 
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
-            kv_pairs: List[dict] = ()) -> dict:
+            kv_pairs: List[dict] = (), accelerator: str = "cpu") -> dict:
     """Everything one world checks, with one model load:
     - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
-    groups, model = _setup(ckpt, tp, cp, precision)
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
     res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {}}
     try:
         for c in cases:

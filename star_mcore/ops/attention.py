@@ -14,7 +14,7 @@ calls and an LSE merge: see :func:`attend_prefix_causal`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,12 +113,24 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Attn
 
 def attend(fn: AttnFn, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
            scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """Run ``fn``, with the empty-key case handled (out 0, lse -inf: a neutral partial for the merge)."""
-    if k.shape[2] == 0 or q.shape[2] == 0:
+    """Run ``fn``, with the empty-key case handled (out 0, lse -inf: a neutral partial for the merge).
+
+    Without a mask, GQA is run with the query heads of each KV group folded into the sequence axis
+    ([b, hk, g*sq, d]): the KV is never repeated, which matters most in decoding over a long cache.
+    """
+    b, hq, sq, d = q.shape
+    hk = k.shape[1]
+    if k.shape[2] == 0 or sq == 0:
         return _empty(q)
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal attention needs sq == sk, got {q.shape[2]} and {k.shape[2]}")
-    return fn(q, k, v, causal=causal, scale=scale)
+    if causal:
+        if sq != k.shape[2]:
+            raise ValueError(f"causal attention needs sq == sk, got {sq} and {k.shape[2]}")
+        return fn(q, k, v, causal=True, scale=scale)
+    if hq == hk:
+        return fn(q, k, v, causal=False, scale=scale)
+    g = hq // hk
+    out, lse = fn(q.reshape(b, hk, g * sq, d), k, v, causal=False, scale=scale)
+    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
 
 
 def attend_prefix_causal(fn: AttnFn, q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_self: Tensor,
@@ -131,3 +143,21 @@ def attend_prefix_causal(fn: AttnFn, q: Tensor, k_prefix: Tensor, v_prefix: Tens
     o1, l1 = attend(fn, q, k_prefix, v_prefix, causal=False, scale=scale)
     o2, l2 = attend(fn, q, k_self, v_self, causal=True, scale=scale)
     return merge_partials(torch.stack([o1, o2]), torch.stack([l1, l2]))
+
+
+def accumulate_ring_step(fn: AttnFn, acc: list, q_parts: Sequence[Tensor], q_ids: Sequence[int],
+                         k_parts: Sequence[Tensor], v_parts: Sequence[Tensor], k_ids: Sequence[int],
+                         scale: Optional[float] = None) -> None:
+    """One step of causal ring attention: every local query chunk against the key chunks in hand.
+
+    Chunks carry their global order (``q_ids``/``k_ids``): a key chunk after the query chunk is invisible,
+    the same chunk is causal, an earlier one fully visible. ``acc[i]`` holds query chunk i's running
+    (out, lse), or None before its first partial; updated in place by an exact LSE merge.
+    """
+    for i, qid in enumerate(q_ids):
+        for j, kid in enumerate(k_ids):
+            if kid > qid:
+                continue
+            o, l = attend(fn, q_parts[i], k_parts[j], v_parts[j], causal=(kid == qid), scale=scale)
+            acc[i] = (o, l) if acc[i] is None else merge_partials(
+                torch.stack([acc[i][0], o]), torch.stack([acc[i][1], l]))

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..ops.attention import AttnFn, attend
+from ..ops.attention import AttnFn, accumulate_ring_step
 from ..ops.layout import Span, ring_chunk_ids
 from ..ops.merge import merge_partials
 
@@ -64,15 +64,9 @@ def ring_attention(fn: AttnFn, q: Tensor, k: Tensor, v: Tensor, *, group: dist.P
             incoming = kv.new_empty(kv.shape[:3] + (n_in,) + kv.shape[4:])
             reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv.contiguous(), nxt, group),
                                            dist.P2POp(dist.irecv, incoming, prv, group)])
-        k_parts = torch.split(kv[0], (len(chunks[owner][0]), len(chunks[owner][1])), dim=2)
-        v_parts = torch.split(kv[1], (len(chunks[owner][0]), len(chunks[owner][1])), dim=2)
-        for i, qid in enumerate(ring_chunk_ids(rank, size)):
-            for j, kid in enumerate(ring_chunk_ids(owner, size)):
-                if kid > qid:
-                    continue  # a later chunk: invisible under the causal mask
-                o, l = attend(fn, q_parts[i], k_parts[j], v_parts[j], causal=(kid == qid), scale=scale)
-                acc[i] = (o, l) if acc[i] is None else merge_partials(
-                    torch.stack([acc[i][0], o]), torch.stack([acc[i][1], l]))
+        sizes = (len(chunks[owner][0]), len(chunks[owner][1]))
+        accumulate_ring_step(fn, acc, q_parts, ring_chunk_ids(rank, size), torch.split(kv[0], sizes, dim=2),
+                             torch.split(kv[1], sizes, dim=2), ring_chunk_ids(owner, size), scale)
         for r in reqs:
             r.wait()
         if incoming is not None:

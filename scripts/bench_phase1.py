@@ -1,0 +1,162 @@
+"""Phase-1 critical path per host: none, ring, star (recompute | shared anchor, uniform | balanced,
+anchor = block, /2, /4, /8), with the real model code on one device.
+
+Every host of a scheme runs its own work on the one GPU, one after the other; the critical path is the
+slowest host. One decoder layer of the model's shape is timed (all layers are alike: multiply by the layer
+count). Ring's per-host compute is this project's ring attention loop (every step's kernels and merges,
+the other hosts' KV taken from random tensors); its KV transfers are modelled from bytes and bandwidth.
+
+    python scripts/bench_phase1.py --out docs/bench/phase1.json            # on a GPU
+    python scripts/bench_phase1.py --smoke --out /tmp/p1.json               # tiny, any device
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from star_mcore.inference.kv_cache import KVCache  # noqa: E402
+from star_mcore.inference.steps import EncodeSegment, EncodeWithAnchor, SharedAnchor  # noqa: E402
+from star_mcore.ops.attention import accumulate_ring_step, resolve_backend  # noqa: E402
+from star_mcore.ops.layout import ring_chunk_ids, ring_chunks, star_blocks  # noqa: E402
+
+BANDWIDTH_GBPS = {"nvlink": 450.0, "infiniband": 50.0}  # per GPU, one direction (H100 NVLink 4 / NDR 400G)
+
+
+class RingHost:
+    """One ring host's attention work in one layer, without the network: its two query chunks against
+    every host's two KV chunks, step by step, exactly the kernel calls and merges of ring_attention."""
+
+    def __init__(self, fn, cache, n: int, p: int, rank: int, full_k, full_v):
+        self.fn, self.cache, self.p, self.rank = fn, cache, p, rank
+        self.chunks, self.full_k, self.full_v = ring_chunks(n, p), full_k, full_v
+
+    def __call__(self, layer, q, k, v, scale):
+        mine = self.chunks[self.rank]
+        q_parts = torch.split(q, (len(mine[0]), len(mine[1])), dim=2)
+        acc = [None, None]
+        for step in range(self.p):
+            owner = (self.rank - step) % self.p
+            if owner == self.rank:
+                kp, vp = torch.split(k, (len(mine[0]), len(mine[1])), 2), torch.split(v, (len(mine[0]), len(mine[1])), 2)
+            else:
+                kp = [self.full_k[:, :, c.start:c.end] for c in self.chunks[owner]]
+                vp = [self.full_v[:, :, c.start:c.end] for c in self.chunks[owner]]
+            accumulate_ring_step(self.fn, acc, q_parts, ring_chunk_ids(self.rank, self.p), kp, vp,
+                                 ring_chunk_ids(owner, self.p), scale)
+        self.cache.append(layer, k, v)
+        return torch.cat([a[0] for a in acc], dim=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--shapes", default="llama3.1-8b,llama3.1-70b")
+    ap.add_argument("--lengths", default="16384,32768,131072,262144,524288,1048576")
+    ap.add_argument("--hosts", default="4,8,16,32")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--none-max", type=int, default=262144, help="longest context the single-device run is timed at")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape and lengths: checks the script on any device")
+    args = ap.parse_args()
+    if args.smoke:
+        args.shapes, args.lengths, args.hosts, args.none_max, args.reps = "tiny", "256,512", "4,8", 512, 1
+    benchlib.env_flags()
+    groups = benchlib.setup(benchlib.device_kind(args.device))
+    dev = groups.device
+    results = {"hardware": benchlib.hardware(), "backend": args.backend, "bandwidth_gbps": BANDWIDTH_GBPS, "rows": []}
+    for shape in args.shapes.split(","):
+        model = benchlib.layer_model(shape, groups)
+        attn = resolve_backend(args.backend, dev, model.dtype)
+        s = benchlib.SHAPES[shape]
+        kv_bytes_per_token = 2 * s["num_kv_heads"] * s["head_dim"] * 2  # K and V, bf16, one layer
+        cache_times = {}
+
+        def run_tokens(key, n_tokens, make_step):
+            if key not in cache_times:
+                ids = torch.randint(0, 32000, (n_tokens,), device=dev)
+                pos = torch.arange(n_tokens, device=dev)
+
+                def fn():
+                    model.runtime.step = make_step(KVCache(1))
+                    model.hidden(ids, pos)
+
+                try:
+                    with torch.inference_mode():
+                        cache_times[key] = benchlib.timed(fn, dev, reps=args.reps)
+                except torch.OutOfMemoryError:  # one GPU at TP=1 holds less than a TP-sharded host
+                    cache_times[key] = float("nan")
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+            return cache_times[key]
+
+        def causal(t):
+            return run_tokens(("causal", t), t, lambda c: EncodeSegment(attn, c))
+
+        def shared(t, a):
+            anchor = SharedAnchor(1, None)
+            kv = torch.randn(2, 1, s["num_kv_heads"], a, s["head_dim"], device=dev, dtype=model.dtype)
+            anchor.kv[0] = (kv[0], kv[1])
+            return run_tokens(("shared", t, a), t, lambda c: EncodeWithAnchor(attn, c, anchor))
+
+        for n in map(int, args.lengths.split(",")):
+            for p in map(int, args.hosts.split(",")):
+                b = n // p
+                rows = []
+                if n <= args.none_max:
+                    rows.append(("none", 0, {"host 0": causal(n)}, 0))
+                full = torch.randn(2, 1, s["num_kv_heads"], n, s["head_dim"], device=dev, dtype=model.dtype)
+                local = sum(len(c) for c in ring_chunks(n, p)[0])
+                t_ring = run_tokens(("ring", n, p), local, lambda c: RingHost(attn, c, n, p, 0, full[0], full[1]))
+                del full
+                rows.append(("ring", 0, {"every host": t_ring}, (p - 1) * local * kv_bytes_per_token))
+                for mode in ("recompute", "shared"):
+                    for div, part in ((1, "uniform"), (2, "uniform"), (4, "uniform"), (8, "uniform"), (1, "balanced")):
+                        a = b // div
+                        first = b + a if part == "balanced" else b
+                        layout = star_blocks(n, b, p, first_block_size=first)
+                        hosts = {}
+                        for h, blocks in enumerate(layout):
+                            t = 0.0
+                            for blk in blocks:
+                                if blk.start == 0:
+                                    t += causal(len(blk))
+                                elif mode == "recompute":
+                                    t += causal(a + len(blk))
+                                else:
+                                    t += shared(len(blk), a)
+                            hosts[f"host {h}"] = t
+                        comm = a * kv_bytes_per_token if mode == "shared" else 0
+                        rows.append((f"star_{mode}_{part}", a, hosts, comm))
+                for scheme, a, hosts, comm_bytes in rows:
+                    crit = float("nan") if any(v != v for v in hosts.values()) else max(hosts.values())
+                    row = {"shape": shape, "context": n, "hosts": p, "block": b, "scheme": scheme, "anchor": a,
+                           "per_layer_s": {k: round(v, 7) for k, v in hosts.items()},
+                           "critical_per_layer_s": round(crit, 7), "layers": s["layers"],
+                           "critical_model_s": round(crit * s["layers"], 5),
+                           "comm_bytes_per_layer": comm_bytes,
+                           "comm_s_per_layer": {k: round(comm_bytes / (bw * 1e9), 7) for k, bw in BANDWIDTH_GBPS.items()}}
+                    results["rows"].append(row)
+                ring = next(r for r in results["rows"][-len(rows):] if r["scheme"] == "ring")
+                for r in results["rows"][-len(rows):]:
+                    r["speedup_vs_ring_compute"] = round(ring["critical_per_layer_s"] / r["critical_per_layer_s"], 3)
+                    if r["critical_per_layer_s"] != r["critical_per_layer_s"]:
+                        r["note"] = "out of memory on one GPU at TP=1"
+                    print(f"{shape:13} N={n:>8} P={p:>2} {r['scheme']:26} a={r['anchor']:>7} "
+                          f"{r['critical_per_layer_s'] * 1e3:9.3f} ms/layer  x{r['speedup_vs_ring_compute']:.2f} vs ring",
+                          flush=True)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    benchlib.write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
