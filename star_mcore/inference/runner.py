@@ -1,19 +1,23 @@
-"""``star-mcore generate``: checks, process groups, model, and the request loop."""
+"""The set-up every run shares (checks, process groups, model, engine) and ``star-mcore generate``'s
+request loop."""
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..config import RunConfig
-from ..errors import RunError
+from ..errors import ConfigError, RunError
 from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
 from ..model.llama import StarLlama
-from ..parallel.groups import destroy_parallel, init_process_group, initialize_parallel
+from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from .engine import Engine, EngineSettings
 from .requests import ResultWriter, Tokenizer, parse_request, read_lines
 
@@ -29,8 +33,6 @@ def preflight(cfg: RunConfig) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
     if not any(ckpt.glob("*.safetensors")):
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
-    if not Path(cfg.inference.input_path).is_file():
-        raise RunError(f"inference.input_path={cfg.inference.input_path}: file not found")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * cp:
@@ -48,22 +50,48 @@ def log(msg: str) -> None:
     print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
 
 
-def run_generation(cfg: RunConfig) -> int:
-    arch = preflight(cfg)
+@dataclass
+class Session:
+    """A started run: this rank's groups, the loaded model's engine and the checkpoint's tokenizer."""
+
+    arch: LlamaArch
+    groups: ParallelGroups
+    engine: Engine
+    tokenizer: Tokenizer
+    writer: bool  # the one rank that writes results: the query host's TP rank 0
+
+
+@contextmanager
+def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
+    """Process groups, model and engine for ``cfg`` (after ``preflight``); torn down on exit."""
     inf = cfg.inference
     device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
     try:
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
-        writer_rank = groups.is_query_host and groups.tp_rank == 0
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, EngineSettings(
             mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
             tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
             eos_token_ids=tuple(arch.eos_token_ids)))
-        tokenizer = Tokenizer(cfg.checkpoint.hf_path)
-        writer = ResultWriter(inf.output_path) if writer_rank else None
+        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path),
+                      writer=groups.is_query_host and groups.tp_rank == 0)
+    finally:
+        destroy_parallel()
+
+
+def run_generation(cfg: RunConfig) -> int:
+    inf = cfg.inference
+    for key in ("input_path", "output_path"):
+        if not getattr(inf, key):
+            raise ConfigError(f"inference.{key} is required for generate")
+    if not Path(inf.input_path).is_file():
+        raise RunError(f"inference.input_path={inf.input_path}: file not found")
+    arch = preflight(cfg)
+    with open_session(cfg, arch) as s:
+        tokenizer, engine = s.tokenizer, s.engine
+        writer = ResultWriter(inf.output_path) if s.writer else None
         n_ok = n_err = 0
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
@@ -88,6 +116,4 @@ def run_generation(cfg: RunConfig) -> int:
         if writer is not None:
             writer.close()
             log(f"done: {n_ok} answered, {n_err} with errors -> {inf.output_path}")
-    finally:
-        destroy_parallel()
     return 0
