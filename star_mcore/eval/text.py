@@ -99,7 +99,8 @@ def grammar_sentence(rng: random.Random) -> str:
 
 class Haystack:
     """An endless seeded run of sentences read as words. Prefixes are stable, so fitting can try any length;
-    ``words(n)`` is the first n words and ``boundaries(n)`` the word offsets in [0, n] where a sentence starts."""
+    ``words(n)`` is the first n words (the last sentence may be cut) and ``boundaries(n)`` the word offsets in
+    [0, n] where a sentence starts."""
 
     def __init__(self, seed: str, kind: str = "essay") -> None:
         if kind not in ("essay", "noise"):
@@ -123,8 +124,9 @@ class Haystack:
         return self._words[:n]
 
     def boundaries(self, n: int) -> List[int]:
+        # Only whole-sentence boundaries: a needle never lands inside the sentence the cut at n leaves unfinished.
         self._grow(n)
-        return [b for b in self._starts if b <= n] + ([n] if n not in self._starts else [])
+        return [b for b in self._starts if b <= n]
 
 
 def insert_at_depths(words: Sequence[str], boundaries: Sequence[int], items: Sequence[Tuple[float, str]]) -> str:
