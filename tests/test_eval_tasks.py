@@ -204,7 +204,7 @@ def test_fit_finds_the_largest_filler_that_fits_and_refuses_what_cannot():
     assert tokens == 11 + 3 * n <= 1000 < 11 + 3 * (n + 1)
     assert fit(Chars(), build, 1000, limit=50)[0] == 50
     with pytest.raises(TooShort):
-        fit(Chars(), build, 11)
+        fit(Chars(), build, 10)
     with pytest.raises(TooShort):
         TASKS["cwe"].make(0, 0, 100, _Words())
 
