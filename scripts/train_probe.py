@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--ffn", type=int, default=1408)
+    p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--rope-theta", type=float, default=500000.0)
     p.add_argument("--min-len", type=int, default=512)
     p.add_argument("--max-len", type=int, default=16384, help="the curriculum's longest context (>= 8192)")
