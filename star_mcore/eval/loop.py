@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Set, Tuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import ConfigError, RunError
@@ -118,9 +119,6 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
         raise RunError(f"eval.lengths up to {max(ev.lengths)} + {max(budget.values())} generated tokens exceed the "
                        f"model's max positions ({arch.max_position_embeddings})")
     setting = setting_of(cfg)
-
-    from tqdm import tqdm
-
     with open_session(cfg, arch) as s:
         # Every rank reads the file before anyone appends; they must agree on what to skip or they would
         # run different samples and deadlock in the engine's collectives.

@@ -86,10 +86,9 @@ def make_niah(task: str, seed: int, index: int, length: int, tok: TextTokenizer,
         taken = set(keys)
 
         def filler(n: int) -> List[str]:
-            while len(fillers) < n:
-                k = distinct(rng, _MAKE[spec.key], 1, avoid=taken)[0]
-                taken.add(k)
-                fillers.append(needle(kind, k, _MAKE[spec.value](rng)))
+            if len(fillers) < n:
+                fillers.extend(needle(kind, k, _MAKE[spec.value](rng))
+                               for k in distinct(rng, _MAKE[spec.key], n - len(fillers), taken))
             return fillers[:n]
 
         def build(n: int) -> Tuple[str, str]:
@@ -142,15 +141,13 @@ def make_cwe(task: str, seed: int, index: int, length: int, tok: TextTokenizer, 
     """A numbered list where ``common`` words appear ``freq_cw`` times and the rest ``freq_ucw`` times; name the
     common ones. RULER's 30 / 3 repetitions, fewer where the length cannot hold 30 of each common word."""
     rng = sample_rng(task, seed, index, length)
-    words: List[str] = distinct(rng, pseudo_word, common)
-    taken = set(words)
+    taken: set = set()
+    words: List[str] = distinct(rng, pseudo_word, common, taken)
     rare: List[str] = []
 
     def rare_words(n: int) -> List[str]:
-        while len(rare) < n:
-            w = distinct(rng, pseudo_word, 1, avoid=taken)[0]
-            taken.add(w)
-            rare.append(w)
+        if len(rare) < n:
+            rare.extend(distinct(rng, pseudo_word, n - len(rare), taken))
         return rare[:n]
 
     intro = ("Below is a numbered list of words. Some of them appear more often than the others. Memorize the "

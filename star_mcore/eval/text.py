@@ -183,16 +183,23 @@ def word_key(rng: random.Random) -> str:
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
-def distinct(rng: random.Random, make: Callable[[random.Random], str], k: int, avoid: Sequence[str] = ()) -> List[str]:
-    seen, out = set(avoid), []
-    for _ in range(100 * k + 100):
-        if len(out) == k:
-            return out
+def distinct(rng: random.Random, make: Callable[[random.Random], str], k: int,
+             seen: Optional[set] = None) -> List[str]:
+    """``k`` new values of ``make``, none of them in ``seen`` (which records them: callers drawing more later
+    pass the same set)."""
+    seen = set() if seen is None else seen
+    out: List[str] = []
+    misses = 0
+    while len(out) < k:
         v = make(rng)
-        if v not in seen:
-            seen.add(v)
-            out.append(v)
-    raise ValueError(f"could not draw {k} distinct values")
+        if v in seen:
+            misses += 1
+            if misses > 1000:
+                raise TooShort(f"ran out of distinct values after {len(seen)}")
+            continue
+        seen.add(v)
+        out.append(v)
+    return out
 
 
 def join_and(items: Sequence[str]) -> str:
