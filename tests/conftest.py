@@ -28,13 +28,17 @@ WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lim
 
 @pytest.fixture(scope="session")
 def text_ckpt(tmp_path_factory):
-    """Tiny Llama with a tiny trained BPE tokenizer (vocab 96 <= the model's 101) in the same directory."""
+    """Tiny Llama with a tiny trained BPE tokenizer in the same directory, the model's vocabulary as large as the
+    tokenizer's (tokenizers >= 0.2x keeps all 256 byte symbols however small the asked vocabulary)."""
+    from tokenizers import Tokenizer
+
     from star_mcore.model.tiny import train_tiny_tokenizer
 
     path = tmp_path_factory.mktemp("text")
     texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) + f" {i}" for i in range(300)]
     train_tiny_tokenizer(path, texts, vocab_size=96)
-    make_tiny_llama(path, vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
+    make_tiny_llama(path, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=512, eos_token_id=2, seed=7)
     return str(path)
 
