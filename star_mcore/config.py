@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,8 +45,8 @@ class InferenceConfig:
     anchor_mode: str = "shared"  # star: shared (block 0's host sends the anchor KV) | recompute (paper: re-encode)
     partition: str = "uniform"  # star: uniform (blocks of block_size) | balanced (block 0 = block + anchor tokens)
     tokens_to_generate: int = 32
-    input_path: str = MISSING  # JSONL: {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
-    output_path: str = MISSING  # JSONL, one line per request, in input order
+    input_path: str = ""  # generate: JSONL of {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
+    output_path: str = ""  # generate: JSONL, one line per request, in input order
     save_logits: bool = False  # add the first generated token's full-vocabulary logits to each output
     attention_backend: str = "auto"  # auto | math | sdpa_flash | sdpa_efficient | sdpa_cudnn
 
@@ -58,12 +58,27 @@ class DistributedConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``star-mcore eval ruler|babilong``: synthetic long-context tasks at given token lengths."""
+
+    tasks: List[str] = field(default_factory=list)  # task names of the benchmark; empty = all of them
+    lengths: List[int] = field(default_factory=lambda: [4096])  # prompt tokens (context + query) per sample
+    samples: int = 20  # per task and length
+    seed: int = 0  # same seed, tokenizer and length -> same samples
+    output_path: str = ""  # results JSONL, appended per sample; a rerun skips the samples already in it
+    squad_path: str = ""  # qa_1: local SQuAD json (e.g. dev-v2.0.json); empty = skip qa_1
+    hotpotqa_path: str = ""  # qa_2: local HotpotQA json (e.g. hotpot_dev_distractor_v1.json); empty = skip qa_2
+    tokens_to_generate: int = 0  # 0 = each task's own default
+
+
+@dataclass
 class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -124,6 +139,10 @@ def validate(cfg: RunConfig) -> None:
          f"set model.context_parallel_size=1 (got {m.context_parallel_size})")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0")
     need(cfg.distributed.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s must be > 0")
+    ev = cfg.eval
+    need(len(ev.lengths) > 0 and all(n > 0 for n in ev.lengths), f"eval.lengths must be positive, got {ev.lengths}")
+    need(ev.samples >= 1, f"eval.samples must be >= 1, got {ev.samples}")
+    need(ev.tokens_to_generate >= 0, f"eval.tokens_to_generate must be >= 0, got {ev.tokens_to_generate}")
 
 
 def to_yaml(cfg: RunConfig) -> str:

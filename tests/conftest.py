@@ -37,3 +37,18 @@ def text_ckpt(tmp_path_factory):
     make_tiny_llama(path, vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=512, eos_token_id=2, seed=7)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def probe_tiny(tmp_path_factory):
+    """scripts/train_probe.py's CPU smoke run: a few steps of a tiny probe model, exported in HF layout."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path_factory.mktemp("probe")
+    res = subprocess.run([sys.executable, str(root / "scripts" / "train_probe.py"), "--tiny", "--device", "cpu",
+                          "--steps", "3", "--out", str(work / "out"), "--state", str(work / "state")],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work / "out", res.stdout

@@ -41,8 +41,19 @@ def test_bad_values_are_refused_with_the_key(overrides, message):
 
 
 def test_missing_required_values_are_named():
-    with pytest.raises(ConfigError, match="missing required config value"):
-        load_config(DEMO, ["checkpoint.hf_path=/x"])
+    with pytest.raises(ConfigError, match="missing required config value.*checkpoint.hf_path"):
+        load_config(DEMO, [])
+
+
+def test_eval_section_and_paths_that_only_some_commands_need():
+    cfg = load_config(DEMO, ["checkpoint.hf_path=/x", "eval.tasks=[vt,cwe]", "eval.lengths=[4096,8192]"])
+    assert cfg.inference.input_path == "" and cfg.eval.output_path == ""  # generate / eval refuse them empty
+    assert cfg.eval.tasks == ["vt", "cwe"] and cfg.eval.lengths == [4096, 8192] and cfg.eval.samples == 20
+    for bad, message in ((["eval.samples=0"], "eval.samples must be >= 1"),
+                         (["eval.lengths=[]"], "eval.lengths must be positive"),
+                         (["eval.tokens_to_generate=-1"], "eval.tokens_to_generate must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(DEMO, ["checkpoint.hf_path=/x", *bad])
 
 
 def test_missing_config_file():

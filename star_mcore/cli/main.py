@@ -1,4 +1,4 @@
-"""``star-mcore`` / ``python -m star_mcore``: generate, config, make-tiny-llama, demo."""
+"""``star-mcore`` / ``python -m star_mcore``: generate, eval, eval-report, config, make-tiny-llama, demo."""
 
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..inference.runner import run_generation
 
     return run_generation(load_config(args.config, args.overrides))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..eval.loop import run_eval
+
+    return run_eval(load_config(args.config, args.overrides), args.benchmark)
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from ..eval.report import write_report
+
+    for path in write_report(args.results, args.out):
+        print(path)
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -54,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="run inference on a JSONL of requests (under torchrun for CP/TP > 1)")
     _config_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("eval", help="RULER or BABILong tasks through the engine (under torchrun for CP/TP > 1)")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    for name in ("ruler", "babilong"):
+        b = bench.add_parser(name, help=f"{name} tasks at eval.lengths, scored, appended to eval.output_path")
+        _config_args(b)
+        b.set_defaults(func=cmd_eval)
+    p = sub.add_parser("eval-report", help="markdown table and PNG plot of eval results")
+    p.add_argument("results", nargs="+", help="results JSONL file(s) written by eval")
+    p.add_argument("--out", required=True, help="markdown file to write; the plot goes beside it as .png")
+    p.set_defaults(func=cmd_eval_report)
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
     p.set_defaults(func=cmd_config)

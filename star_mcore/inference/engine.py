@@ -123,9 +123,12 @@ class Engine:
             step(layer, empty(m.arch.num_heads), empty(m.arch.num_kv_heads), empty(m.arch.num_kv_heads), 1.0)
 
     @torch.inference_mode()
-    def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False) -> Generation:
-        """Greedy generation for one request. context_ids [L], query_ids [q] (int64, q >= 1)."""
+    def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False,
+                 tokens_to_generate: Optional[int] = None) -> Generation:
+        """Greedy generation for one request. context_ids [L], query_ids [q] (int64, q >= 1);
+        ``tokens_to_generate`` overrides the settings' budget for this request."""
         g, m, s = self.groups, self.model, self.s
+        budget = tokens_to_generate or s.tokens_to_generate
         cache = KVCache(m.arch.num_layers)
         n_layers = m.arch.num_layers
         m.runtime.reset_guard(g.device)
@@ -171,7 +174,7 @@ class Engine:
             out.append(nxt)
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t2
-            if len(out) >= s.tokens_to_generate or nxt in s.eos_token_ids:
+            if len(out) >= budget or nxt in s.eos_token_ids:
                 break
             start += len(ids)
             ids = decision[:1].clone()

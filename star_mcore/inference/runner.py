@@ -1,28 +1,32 @@
-"""``star-mcore generate``: checks, process groups, model, and the request loop."""
+"""``star-mcore generate`` and the set-up every command that runs the model shares: checks, process groups,
+model, engine, the watchdog and the one-line failure path."""
 
 from __future__ import annotations
 
 import os
 import sys
 import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..errors import RunError
+from ..errors import ConfigError, RunError, UserError
 from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
 from ..model.llama import StarLlama
-from ..parallel.groups import destroy_parallel, init_process_group, initialize_parallel
+from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
 from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
 
 
 def preflight(cfg: RunConfig) -> LlamaArch:
-    """Everything that can be checked before process groups and weights exist."""
+    """What every command can check before process groups and weights exist."""
     ckpt = Path(cfg.checkpoint.hf_path)
     if not (ckpt / "config.json").is_file():
         raise RunError(f"checkpoint.hf_path={ckpt}: not an HF checkpoint directory (no config.json)")
@@ -32,10 +36,6 @@ def preflight(cfg: RunConfig) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
     if not any(ckpt.glob("*.safetensors")):
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
-    if not Path(cfg.inference.input_path).is_file():
-        raise RunError(f"inference.input_path={cfg.inference.input_path}: file not found")
-    if Path(cfg.inference.output_path).is_dir():
-        raise RunError(f"inference.output_path={cfg.inference.output_path}: is a directory, not a file")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * cp:
@@ -49,6 +49,10 @@ def preflight(cfg: RunConfig) -> LlamaArch:
     return arch
 
 
+def log(msg: str) -> None:
+    print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
+
+
 def is_communication_error(e: BaseException) -> bool:
     """A collective or p2p failed (peer gone, connection reset, timeout), rather than this rank's own code."""
     dist_error = getattr(dist, "DistError", None)
@@ -58,12 +62,39 @@ def is_communication_error(e: BaseException) -> bool:
     return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe"))
 
 
-def log(msg: str) -> None:
-    print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
+@dataclass
+class Session:
+    """A started run: this rank's groups, the loaded model's engine and the checkpoint's tokenizer."""
+
+    arch: LlamaArch
+    groups: ParallelGroups
+    engine: Engine
+    tokenizer: Tokenizer
+    writer: bool  # the one rank that writes results: the query host's TP rank 0
 
 
-def run_generation(cfg: RunConfig) -> int:
-    arch = preflight(cfg)
+def _fail(watchdog: Watchdog, rank: int, e: Exception) -> None:
+    """This rank cannot go on: tell the others (so they exit naming it), print one line, leave at once."""
+    if is_communication_error(e):
+        # Most likely a peer died or failed first: give the watchdog the time it needs to name it
+        # (it ends this process when it does) rather than blaming this rank.
+        watchdog.wait_for_verdict()
+    watchdog.report_failure(f"{type(e).__name__}: {e}")
+    debug = bool(os.environ.get("STAR_MCORE_DEBUG"))
+    if debug:
+        traceback.print_exc()
+    if isinstance(e, UserError):
+        print(f"star-mcore: error: {e}", file=sys.stderr, flush=True)
+    else:
+        print(f"star-mcore: error: rank {rank}: {type(e).__name__}: {e}"
+              + ("" if debug else " (STAR_MCORE_DEBUG=1 shows the traceback)"), file=sys.stderr, flush=True)
+    os._exit(2 if isinstance(e, UserError) else 1)  # peers may be blocked in collectives with us
+
+
+@contextmanager
+def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
+    """Watchdog, process groups, model and engine for ``cfg`` (after ``preflight``). A failure inside ends
+    this rank with one line and makes every other rank exit naming it; a clean exit tears down together."""
     inf = cfg.inference
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     watchdog = Watchdog(rank, world, stale_after_s=cfg.distributed.heartbeat_timeout_s).start()
@@ -71,17 +102,36 @@ def run_generation(cfg: RunConfig) -> int:
         device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
-        writer_rank = groups.is_query_host and groups.tp_rank == 0
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, EngineSettings(
             mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
             tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
             eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
-        tokenizer = Tokenizer(cfg.checkpoint.hf_path)
+        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path),
+                      writer=groups.is_query_host and groups.tp_rank == 0)
+    except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
+        _fail(watchdog, rank, e)
+    watchdog.stop()
+    dist.barrier()
+    destroy_parallel()
+
+
+def run_generation(cfg: RunConfig) -> int:
+    inf = cfg.inference
+    for key in ("input_path", "output_path"):
+        if not getattr(inf, key):
+            raise ConfigError(f"inference.{key} is required for generate")
+    if not Path(inf.input_path).is_file():
+        raise RunError(f"inference.input_path={inf.input_path}: file not found")
+    if Path(inf.output_path).is_dir():
+        raise RunError(f"inference.output_path={inf.output_path}: is a directory, not a file")
+    arch = preflight(cfg)
+    with open_session(cfg, arch) as s:
+        tokenizer, engine = s.tokenizer, s.engine
         done = finished_ids(inf.output_path)  # every rank reads it before the writer appends: same skips
         dist.barrier()
-        writer = ResultWriter(inf.output_path) if writer_rank else None
+        writer = ResultWriter(inf.output_path) if s.writer else None
         if writer is not None and done:
             log(f"resuming: {len(done)} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
@@ -115,19 +165,4 @@ def run_generation(cfg: RunConfig) -> int:
         if writer is not None:
             writer.close()
             log(f"done: {n_ok} answered, {n_err} with errors -> {inf.output_path}")
-    except Exception as e:  # noqa: BLE001 - a failure on this rank: tell the others, then leave at once
-        if is_communication_error(e):
-            # Most likely a peer died or failed first: give the watchdog the time it needs to name it
-            # (it exits this process when it does) rather than blaming this rank.
-            watchdog.wait_for_verdict()
-        watchdog.report_failure(f"{type(e).__name__}: {e}")
-        if os.environ.get("STAR_MCORE_DEBUG"):
-            traceback.print_exc()
-        print(f"star-mcore: error: rank {rank}: {type(e).__name__}: {e}"
-              + ("" if os.environ.get("STAR_MCORE_DEBUG") else " (STAR_MCORE_DEBUG=1 shows the traceback)"),
-              file=sys.stderr, flush=True)
-        os._exit(1)  # other ranks may be blocked in collectives with us; don't wait for them
-    watchdog.stop()
-    dist.barrier()
-    destroy_parallel()
     return 0

@@ -1,0 +1,181 @@
+"""``star-mcore eval ruler|babilong``: every (task, length, sample) through the engine, one JSON line each.
+
+Every rank builds the same samples (the generators are seeded) and runs them through ``Engine.generate`` in the
+configured mode; the writer rank appends one line per finished sample and flushes it. A rerun with the same
+``eval.output_path`` skips the samples that file already holds for the same setting, so an interrupted run
+resumes without redoing or losing samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Set, Tuple
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..errors import ConfigError, RunError
+from ..inference.runner import log, open_session, preflight
+from .tasks import Task, select
+from .text import TooShort
+
+Key = Tuple[str, int, int]  # (task, length, sample index)
+
+# inference keys that do not change what is generated
+_NOT_SETTING = ("input_path", "output_path", "save_logits", "tokens_to_generate", "attention_backend")
+
+
+def setting_of(cfg: RunConfig) -> Dict[str, Any]:
+    """What makes a result: model, hosts, mode and its sizes (every other inference key too), seed, budget."""
+    inf = {k: v for k, v in dataclasses.asdict(cfg.inference).items() if k not in _NOT_SETTING}
+    return {"model": cfg.checkpoint.hf_path, "hosts": cfg.model.context_parallel_size,
+            "precision": cfg.model.precision, **inf, "seed": cfg.eval.seed,
+            "tokens_to_generate": cfg.eval.tokens_to_generate}
+
+
+def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
+    """The samples ``path`` already holds for ``setting``; a line cut short by an interrupted run is ignored."""
+    done: Set[Key] = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("setting") == setting:
+                done.add((rec["task"], rec["length"], rec["sample"]))
+    return done
+
+
+class Appender:
+    """Appends one JSON line per sample and flushes it; first cuts a trailing partial line left by a kill."""
+
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a+b")
+        self._f.seek(0)
+        data = self._f.read()
+        if data and not data.endswith(b"\n"):
+            self._f.truncate(data.rfind(b"\n") + 1)
+        self._f.seek(0, os.SEEK_END)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._f.write((json.dumps(record) + "\n").encode("utf-8"))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _tasks_and_data(cfg: RunConfig, benchmark: str) -> Tuple[List[Task], Dict[str, Any], List[str]]:
+    ev = cfg.eval
+    try:
+        tasks = select(benchmark, ev.tasks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data: Dict[str, Any] = {}
+    skipped: List[str] = []
+    for t in tasks:
+        if t.data_key is None:
+            continue
+        path = getattr(ev, t.data_key)
+        if not path:
+            skipped.append(f"{t.name} (no eval.{t.data_key})")
+            continue
+        if not Path(path).is_file():
+            raise RunError(f"eval.{t.data_key}={path}: file not found")
+        try:
+            data[t.name] = t.loader(path)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise RunError(f"eval.{t.data_key}={path}: cannot read its questions ({type(e).__name__}: {e})") from None
+        if not data[t.name].questions:
+            raise RunError(f"eval.{t.data_key}={path}: no answerable question in it")
+    tasks = [t for t in tasks if t.data_key is None or t.name in data]
+    if not tasks:
+        raise ConfigError(f"eval: no task left to run: {', '.join(skipped)}")
+    return tasks, data, skipped
+
+
+def run_eval(cfg: RunConfig, benchmark: str) -> int:
+    ev = cfg.eval
+    if not ev.output_path:
+        raise ConfigError("eval.output_path is required for eval")
+    tasks, data, skipped = _tasks_and_data(cfg, benchmark)
+    arch = preflight(cfg)
+    ckpt = Path(cfg.checkpoint.hf_path)
+    if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise RunError(f"checkpoint.hf_path={ckpt}: eval writes text prompts and needs the checkpoint's tokenizer "
+                       "(tokenizer.json)")
+    budget = {t.name: ev.tokens_to_generate or t.tokens_to_generate for t in tasks}
+    longest = max(ev.lengths) + max(budget.values())
+    if longest > arch.max_position_embeddings:
+        raise RunError(f"eval.lengths up to {max(ev.lengths)} + {max(budget.values())} generated tokens exceed the "
+                       f"model's max positions ({arch.max_position_embeddings})")
+    setting = setting_of(cfg)
+    with open_session(cfg, arch) as s:
+        # Every rank reads the file before anyone appends; they must agree on what to skip or they would
+        # run different samples and deadlock in the engine's collectives.
+        done = read_done(ev.output_path, setting)
+        agree = torch.tensor([len(done), -len(done)], device=s.groups.device)
+        dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+        if int(agree[0]) != -int(agree[1]):
+            raise RunError(f"eval.output_path={ev.output_path}: ranks see different files (put it on a filesystem "
+                           "every rank shares)")
+        dist.barrier()
+        writer = Appender(ev.output_path) if s.writer else None
+        if writer and skipped:
+            log(f"note: skipping {', '.join(skipped)}: give a local file to run it")
+        tok = s.tokenizer
+        total = len(tasks) * len(ev.lengths) * ev.samples
+        bar = tqdm(total=total, disable=writer is None, desc=f"{benchmark} {setting['context_parallel_mode']}",
+                   unit="sample", dynamic_ncols=True)
+        scores: Dict[str, List[float]] = {}
+        try:
+            for task in tasks:
+                for length in ev.lengths:
+                    for i in range(ev.samples):
+                        if (task.name, length, i) in done:
+                            bar.update(1)
+                            continue
+                        try:
+                            sample = task.make(ev.seed, i, length, tok, data=data.get(task.name))
+                        except TooShort as e:
+                            if writer:
+                                log(f"note: {task.name} at {length} tokens skipped: {e}")
+                            bar.update(ev.samples - i)
+                            break
+                        ctx = torch.tensor(tok.encode(sample.context, add_bos=True), dtype=torch.long)
+                        qry = torch.tensor(tok.encode(sample.query, add_bos=False), dtype=torch.long)
+                        if max(int(ctx.max()), int(qry.max())) >= arch.vocab_size:
+                            raise RunError(f"checkpoint.hf_path={ckpt}: the tokenizer's ids exceed the model's "
+                                           f"vocabulary ({arch.vocab_size})")
+                        gen = s.engine.generate(ctx, qry, tokens_to_generate=budget[task.name])
+                        prediction = tok.decode(gen.generated_ids)
+                        score = task.score(prediction, sample.references)
+                        scores.setdefault(task.name, []).append(score)
+                        if writer:
+                            writer.write({"benchmark": benchmark, "task": task.name, "length": length, "sample": i,
+                                          "depth": sample.depth, "prompt_tokens": sample.tokens,
+                                          "prediction": prediction, "references": sample.references,
+                                          "metric": task.metric, "score": score, **gen.timings,
+                                          "setting": setting})
+                        bar.update(1)
+                        bar.set_postfix(task=task.name, length=length,
+                                        mean=f"{100 * sum(scores[task.name]) / len(scores[task.name]):.1f}")
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
+        if writer:
+            n = sum(len(v) for v in scores.values())
+            means = ", ".join(f"{t} {100 * sum(v) / len(v):.1f}" for t, v in scores.items())
+            log(f"done: {n} new samples ({len(done)} already in the file) -> {ev.output_path}"
+                + (f"; mean score of the new ones: {means}" if means else ""))
+    return 0

@@ -1,0 +1,109 @@
+"""`star-mcore eval` end to end: torchrun, 2 star hosts, a tiny probe checkpoint; results appended per sample,
+an interrupted run resumed without redoing or losing samples, and `eval-report` writing a table and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from star_mcore.eval.loop import Appender, read_done
+from test_cli import CONFIG, ROOT, _env, free_port, star_mcore
+
+import subprocess
+import sys
+
+
+def eval_run(ckpt, out, *overrides, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "star_mcore", "eval", "ruler", "--config", CONFIG,
+           f"checkpoint.hf_path={ckpt}", f"eval.output_path={out}", "model.context_parallel_size=2",
+           "inference.context_parallel_mode=star", "inference.block_size=64", "inference.anchor_size=64",
+           "eval.tasks=[niah_single_2,vt,qa_1]", "eval.lengths=[300,450]", "eval.samples=2",
+           "eval.tokens_to_generate=4", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def first_run(probe_tiny, tmp_path_factory):
+    ckpt, _ = probe_tiny
+    out = tmp_path_factory.mktemp("eval") / "results.jsonl"
+    res = eval_run(ckpt, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ckpt, out, res
+
+
+def test_every_sample_gets_a_scored_line(first_run):
+    _, out, res = first_run
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["task"], r["length"], r["sample"]) for r in recs] == [
+        (t, n, i) for t in ("niah_single_2", "vt") for n in (300, 450) for i in range(2)]
+    for r in recs:
+        assert r["benchmark"] == "ruler" and r["prompt_tokens"] <= r["length"]
+        assert 0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) and r["references"]
+        s = r["setting"]
+        assert (s["context_parallel_mode"], s["hosts"], s["block_size"], s["anchor_size"]) == ("star", 2, 64, 64)
+    assert r["metric"] == "string_match_all" and len(recs[-1]["references"]) == 5  # vt: five variables
+    notes = [line for line in res.stderr.splitlines() if "note: skipping" in line]
+    assert len(notes) == 1 and "qa_1 (no eval.squad_path)" in notes[0]
+
+
+def test_an_interrupted_run_resumes_without_redoing_or_losing_samples(first_run, tmp_path):
+    ckpt, full, _ = first_run
+    lines = full.read_text().splitlines(keepends=True)
+    cut = tmp_path / "results.jsonl"
+    cut.write_text("".join(lines[:5]) + lines[5][:40])  # killed while writing the sixth line
+    res = eval_run(ckpt, cut)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 new samples (5 already in the file)" in res.stderr
+    # the same samples, once each, in order; generation is deterministic, so the redone ones match too
+    timing = ("phase1_s", "phase2_s", "first_token_s", "decode_tokens_per_s")
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(cut) == strip(full)
+
+
+def test_resume_reads_only_whole_lines_of_the_same_setting(tmp_path):
+    path = tmp_path / "r.jsonl"
+    setting = {"mode": "star", "anchor_size": 64}
+    w = Appender(str(path))
+    w.write({"task": "vt", "length": 300, "sample": 0, "setting": setting})
+    w.write({"task": "vt", "length": 300, "sample": 1, "setting": {**setting, "anchor_size": 0}})
+    w.close()
+    with open(path, "a") as f:
+        f.write('{"task": "vt", "length": 300, "sam')
+    assert read_done(str(path), setting) == {("vt", 300, 0)}
+    w = Appender(str(path))  # cuts the partial line before appending
+    w.write({"task": "vt", "length": 300, "sample": 2, "setting": setting})
+    w.close()
+    assert read_done(str(path), setting) == {("vt", 300, 0), ("vt", 300, 2)}
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_eval_report_writes_a_table_and_a_plot(first_run, tmp_path):
+    _, out, _ = first_run
+    res = star_mcore("eval-report", str(out), "--out", str(tmp_path / "report.md"))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "report.md").read_text()
+    assert "| star x2 a=b |" in md and "| niah_single_2 |" in md and "### 450 tokens" in md
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "ruler"], "eval.output_path is required for eval"),
+    (["eval", "ruler", "eval.output_path=o.jsonl", "eval.tasks=[qa1]"], "eval.tasks: qa1 not in ruler"),
+    (["eval", "babilong", "eval.output_path=o.jsonl", "eval.lengths=[0]"], "eval.lengths must be positive"),
+    (["eval", "ruler", "eval.output_path=o.jsonl", "eval.tasks=[qa_2]", "eval.hotpotqa_path=/none.json"],
+     "eval.hotpotqa_path=/none.json: file not found"),
+    (["generate"], "inference.input_path is required for generate"),
+])
+def test_bad_eval_runs_fail_with_one_clear_line(probe_tiny, args, message, capsys):
+    from star_mcore.cli.main import main
+
+    ckpt, _ = probe_tiny
+    n = 2 if args[0] == "eval" else 1  # refused before any process group exists: in-process is enough
+    assert main([*args[:n], "--config", CONFIG, f"checkpoint.hf_path={ckpt}", *args[n:]]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("star-mcore: error: "), lines
+    assert message in lines[0]
