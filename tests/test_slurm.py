@@ -28,6 +28,8 @@ CLUSTER = ROOT / "scripts" / "ci" / "slurm_cluster.sh"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
 JOB_TIMEOUT_S = 300
 TOKENS, BLOCK, ANCHOR = 4, 16, 8
+REQUIRED = ["checkpoint.hf_path=/m", "inference.input_path=i"]
+FAKE_JOB = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "fake", "SLURM_JOB_NUM_NODES": "1"}
 
 
 def _env(**extra):
@@ -82,8 +84,16 @@ def test_launch_sh_runs_the_config_with_torchrun(gqa_ckpt, requests, tmp_path):
     (LAUNCH, ["nope.yaml"], {}, "launch.sh: error: config file not found: nope.yaml"),
     (LAUNCH, [CONFIG, "inference.blok_size=3"], {}, "star-mcore: error: invalid config: Key 'blok_size' not in"),
     (SBATCH, [CONFIG], {}, "star-mcore.sbatch: error: submit this script with sbatch"),
-    (SBATCH, [], {"SLURM_JOB_ID": "7"}, "star-mcore.sbatch: error: usage: sbatch scripts/slurm/star-mcore.sbatch CONFIG"),
+    (SBATCH, [], {"SLURM_JOB_ID": "7"},
+     "star-mcore.sbatch: error: usage: sbatch scripts/slurm/star-mcore.sbatch CONFIG"),
     (SBATCH, ["nope.yaml"], {"SLURM_JOB_ID": "7"}, "star-mcore.sbatch: error: config file not found: nope.yaml"),
+    # Checks made inside the job before anything is launched, here with the job's variables set by hand.
+    (SBATCH, [CONFIG, "inference.blok_size=3", *REQUIRED], FAKE_JOB,
+     "star-mcore: error: invalid config: Key 'blok_size'"),
+    (SBATCH, [CONFIG, *REQUIRED], dict(FAKE_JOB, SLURM_JOB_NUM_NODES="3"),
+     "star-mcore.sbatch: error: TP x CP = 4 ranks do not split evenly over 3 nodes"),
+    (SBATCH, [str(ROOT / "configs" / "llama3.1-8b-instruct.yaml"), *REQUIRED], dict(FAKE_JOB, SLURM_GPUS_ON_NODE="4"),
+     "star-mcore.sbatch: error: 8 ranks per node need 8 GPUs per node, the job has 4 (sbatch --gpus-per-node=8)"),
 ])
 def test_bad_input_stops_with_one_line(tmp_path, script, args, env, message):
     base = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
@@ -103,11 +113,12 @@ def test_model_scripts_ask_for_the_gpus_their_config_needs(script, config, nodes
     text = (ROOT / "scripts" / "slurm" / script).read_text()
     assert f"#SBATCH --nodes={nodes}\n" in text and f"#SBATCH --gpus-per-node={gpus}\n" in text
     assert f'"$repo/configs/{config}"' in text
-    cfg = load_config(str(ROOT / "configs" / config),
-                      ["checkpoint.hf_path=/m", "inference.input_path=i", "inference.output_path=o"])
+    cfg = load_config(str(ROOT / "configs" / config), [*REQUIRED, "inference.output_path=o"])
     assert world_size_needed(cfg) == nodes * gpus
     assert gpus % cfg.model.tensor_model_parallel_size == 0  # a TP group stays inside a node
-    assert (cfg.trainer.accelerator, cfg.model.precision, cfg.inference.context_parallel_mode) == ("gpu", "bf16", "star")
+    inf = cfg.inference
+    assert (cfg.trainer.accelerator, cfg.model.precision, inf.context_parallel_mode) == ("gpu", "bf16", "star")
+    assert (inf.block_size, inf.anchor_size, inf.tokens_to_generate) == (32768, 32768, 64)
 
 
 @pytest.fixture(scope="module")
