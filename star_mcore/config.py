@@ -54,6 +54,7 @@ class InferenceConfig:
 @dataclass
 class DistributedConfig:
     timeout_s: float = 600.0  # collectives that wait longer fail instead of hanging
+    heartbeat_timeout_s: float = 30.0  # a rank silent this long counts as dead: every other rank exits, naming it
 
 
 @dataclass
@@ -122,6 +123,7 @@ def validate(cfg: RunConfig) -> None:
          "inference.context_parallel_mode=none runs without context parallelism: "
          f"set model.context_parallel_size=1 (got {m.context_parallel_size})")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0")
+    need(cfg.distributed.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s must be > 0")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -18,9 +18,14 @@ from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import broadcast_from_last
 from ..parallel.groups import ParallelGroups
 from .kv_cache import KVCache
+from .requests import RequestError
 from .steps import EncodeFirstBlock, EncodeRing, EncodeSegment, EncodeWithAnchor, QueryStep, SharedAnchor
 
 Tensor = torch.Tensor
+
+
+class NumericalError(RequestError):
+    """NaN/Inf in a request's attention outputs or logits; reported in that request's output line."""
 
 
 @dataclass(frozen=True)
@@ -122,38 +127,54 @@ class Engine:
         """Greedy generation for one request. context_ids [L], query_ids [q] (int64, q >= 1)."""
         g, m, s = self.groups, self.model, self.s
         cache = KVCache(m.arch.num_layers)
+        n_layers = m.arch.num_layers
+        m.runtime.reset_guard(g.device)
         t0 = time.perf_counter()
         self.prefill(context_ids, cache)
         self._sync()
-        # The critical path of phase 1 is the slowest host.
-        t1 = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=g.device)
-        if g.cp_size > 1:
-            dist.all_reduce(t1, op=dist.ReduceOp.MAX, group=g.cp)
-        phase1_s = float(t1.item())
+        # One reduction over all ranks: the slowest host's phase-1 time (the critical path) and the first
+        # layer, on any rank, whose attention output was not finite (encoded so that MAX finds the lowest).
+        stats = torch.stack([torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=g.device),
+                             (n_layers - m.runtime.first_nonfinite_layer()).to(torch.float64)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        phase1_s, bad = float(stats[0]), int(stats[1])
+        if bad:
+            raise NumericalError(f"non-finite values (NaN/Inf) in the attention output of layer {n_layers - bad} "
+                                 "during phase 1 (context encoding)")
 
         t2 = time.perf_counter()
         m.runtime.step = QueryStep(self.attn, cache, g.cp, g.is_query_host)
         ids, start = query_ids, len(context_ids)
         out: List[int] = []
         first_logits = None
-        token = torch.zeros(1, dtype=torch.long, device=g.device)
+        # [next token, first non-finite layer (n_layers: none; n_layers + 1: only the logits)], decided by the query host
+        decision = torch.zeros(2, dtype=torch.long, device=g.device)
         first_token_s = None
         while True:
+            m.runtime.reset_guard(g.device)
             hidden = m.hidden(ids, torch.arange(start, start + len(ids)))
             if g.is_query_host:  # only the query host needs logits; the others learn the token below
                 logits = m.logits(hidden[-1:])[0]
                 if save_logits and first_logits is None:
                     first_logits = logits.cpu()
-                token[0] = torch.argmax(logits)
-            broadcast_from_last(token, g.cp)
-            nxt = int(token.item())
+                decision[0] = torch.argmax(logits)
+                bad = m.runtime.first_nonfinite_layer()
+                decision[1] = torch.where(~torch.isfinite(logits).all() & (bad == n_layers), n_layers + 1, bad)
+            broadcast_from_last(decision, g.cp)
+            nxt, bad_layer = decision.tolist()
+            if bad_layer < n_layers:
+                raise NumericalError(f"non-finite values (NaN/Inf) in the attention output of layer {bad_layer} "
+                                     f"during phase 2 (step {len(out)})")
+            if bad_layer == n_layers + 1:
+                raise NumericalError(f"non-finite logits during phase 2 (step {len(out)})")
             out.append(nxt)
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t2
             if len(out) >= s.tokens_to_generate or nxt in s.eos_token_ids:
                 break
             start += len(ids)
-            ids = token.clone()
+            ids = decision[:1].clone()
         self._sync()
         phase2_s = time.perf_counter() - t2
         decode_s = phase2_s - first_token_s

@@ -105,12 +105,39 @@ def read_lines(path: str) -> Iterator[tuple]:
                 yield i, line
 
 
+def id_key(rid: Any) -> str:
+    """Request ids may be any JSON value; compare them by their JSON text."""
+    return json.dumps(rid, sort_keys=True)
+
+
+def finished_ids(path: str) -> set:
+    """Keys of the requests already answered (result or error) in an existing output file. A torn last
+    line (the run died while writing it) does not count."""
+    done = set()
+    if Path(path).is_file():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "id" in rec and ("generated_ids" in rec or "error" in rec):
+                    done.add(id_key(rec["id"]))
+    return done
+
+
 class ResultWriter:
-    """Appends one JSON line per request and flushes it at once, so nothing finished is lost."""
+    """Appends one JSON line per request and flushes it at once, so nothing finished is lost. An existing
+    file is continued (a torn last line from an interrupted run is cut off first)."""
 
     def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "w", encoding="utf-8")
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_file():
+            data = p.read_bytes()
+            if data and not data.endswith(b"\n"):
+                p.write_bytes(data[: data.rfind(b"\n") + 1])
+        self._f = open(p, "a", encoding="utf-8")
 
     def write(self, record: Dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..config import RunConfig
 from ..errors import RunError
@@ -14,8 +16,9 @@ from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
 from ..model.llama import StarLlama
 from ..parallel.groups import destroy_parallel, init_process_group, initialize_parallel
+from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
-from .requests import ResultWriter, Tokenizer, parse_request, read_lines
+from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
 
 
 def preflight(cfg: RunConfig) -> LlamaArch:
@@ -31,6 +34,8 @@ def preflight(cfg: RunConfig) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
     if not Path(cfg.inference.input_path).is_file():
         raise RunError(f"inference.input_path={cfg.inference.input_path}: file not found")
+    if Path(cfg.inference.output_path).is_dir():
+        raise RunError(f"inference.output_path={cfg.inference.output_path}: is a directory, not a file")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * cp:
@@ -44,6 +49,15 @@ def preflight(cfg: RunConfig) -> LlamaArch:
     return arch
 
 
+def is_communication_error(e: BaseException) -> bool:
+    """A collective or p2p failed (peer gone, connection reset, timeout), rather than this rank's own code."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e)
+    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe"))
+
+
 def log(msg: str) -> None:
     print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
 
@@ -51,8 +65,10 @@ def log(msg: str) -> None:
 def run_generation(cfg: RunConfig) -> int:
     arch = preflight(cfg)
     inf = cfg.inference
-    device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    watchdog = Watchdog(rank, world, stale_after_s=cfg.distributed.heartbeat_timeout_s).start()
     try:
+        device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
         writer_rank = groups.is_query_host and groups.tp_rank == 0
@@ -63,16 +79,26 @@ def run_generation(cfg: RunConfig) -> int:
             tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
             eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
         tokenizer = Tokenizer(cfg.checkpoint.hf_path)
+        done = finished_ids(inf.output_path)  # every rank reads it before the writer appends: same skips
+        dist.barrier()
         writer = ResultWriter(inf.output_path) if writer_rank else None
+        if writer is not None and done:
+            log(f"resuming: {len(done)} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
                                 inf.tokens_to_generate)
+            if id_key(req.id) in done:
+                continue
+            if req.error is None:
+                try:
+                    gen = engine.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
+                except RequestError as e:  # raised the same way on every rank
+                    req.error = str(e)
             if req.error is not None:
                 record = {"id": req.id, "error": req.error}
                 n_err += 1
             else:
-                gen = engine.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
                 record = {"id": req.id, "generated_ids": gen.generated_ids}
                 if req.text:
                     record["text"] = tokenizer.decode(gen.generated_ids)
@@ -80,6 +106,7 @@ def run_generation(cfg: RunConfig) -> int:
                     record["first_step_logits"] = gen.first_step_logits.tolist()
                 record.update(gen.timings)
                 n_ok += 1
+            done.add(id_key(req.id))
             if writer is not None:
                 writer.write(record)
                 log(f"request {req.id}: " + (f"error: {req.error}" if req.error else
@@ -88,6 +115,19 @@ def run_generation(cfg: RunConfig) -> int:
         if writer is not None:
             writer.close()
             log(f"done: {n_ok} answered, {n_err} with errors -> {inf.output_path}")
-    finally:
-        destroy_parallel()
+    except Exception as e:  # noqa: BLE001 - a failure on this rank: tell the others, then leave at once
+        if is_communication_error(e):
+            # Most likely a peer died or failed first: give the watchdog the time it needs to name it
+            # (it exits this process when it does) rather than blaming this rank.
+            watchdog.wait_for_verdict()
+        watchdog.report_failure(f"{type(e).__name__}: {e}")
+        if os.environ.get("STAR_MCORE_DEBUG"):
+            traceback.print_exc()
+        print(f"star-mcore: error: rank {rank}: {type(e).__name__}: {e}"
+              + ("" if os.environ.get("STAR_MCORE_DEBUG") else " (STAR_MCORE_DEBUG=1 shows the traceback)"),
+              file=sys.stderr, flush=True)
+        os._exit(1)  # other ranks may be blocked in collectives with us; don't wait for them
+    watchdog.stop()
+    dist.barrier()
+    destroy_parallel()
     return 0

@@ -22,10 +22,25 @@ class AttentionStep(Protocol):
 
 
 class AttentionRuntime:
-    """Shared by every layer's core attention of one model: the step of the current forward pass."""
+    """Shared by every layer's core attention of one model: the step of the current forward pass, and
+    per-layer flags of non-finite attention outputs (kept on the device: no sync per layer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_layers: int) -> None:
         self.step: Optional[AttentionStep] = None
+        self.num_layers = num_layers
+        self.nonfinite: Optional[Tensor] = None
+
+    def reset_guard(self, device: torch.device) -> None:
+        self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+
+    def record(self, layer: int, out: Tensor) -> None:
+        if self.nonfinite is not None:
+            self.nonfinite[layer] |= ~torch.isfinite(out).all()
+
+    def first_nonfinite_layer(self) -> Tensor:
+        """0-d int64 tensor: the first flagged layer, or num_layers if none (no host sync)."""
+        idx = torch.arange(self.num_layers, device=self.nonfinite.device)
+        return torch.where(self.nonfinite, idx, self.num_layers).min()
 
 
 class StarCoreAttention(MegatronModule):
@@ -46,4 +61,5 @@ class StarCoreAttention(MegatronModule):
         sq, b = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.runtime.step(self.layer_index, q, k, v, self.softmax_scale)
+        self.runtime.record(self.layer_index, out)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)

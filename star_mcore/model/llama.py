@@ -82,7 +82,7 @@ class StarLlama:
         self.dtype = DTYPES[precision]
         self.device = groups.device
         self.tp = groups.tp
-        self.runtime = AttentionRuntime()
+        self.runtime = AttentionRuntime(arch.num_layers)
         config = transformer_config(arch, tp, groups.cp_size, self.dtype, on_cpu=self.device.type == "cpu")
         self.gpt = GPTModel(
             config=config,

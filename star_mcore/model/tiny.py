@@ -58,18 +58,19 @@ def make_tiny_llama(path: str | Path, *, vocab_size: int = 256, hidden_size: int
 
 
 def train_tiny_tokenizer(path: str | Path, texts: List[str], vocab_size: int = 96) -> Path:
-    """Train a small byte-level BPE on ``texts`` and save it in HF layout (tokenizer.json + tokenizer_config.json)
-    with <s> / </s> / <unk> specials, so AutoTokenizer loads it offline."""
+    """Train a small BPE on ``texts`` (alphabet: the characters they use; spaces kept as a word-start mark so
+    decoding restores them) and save it in HF layout (tokenizer.json + tokenizer_config.json) with
+    <unk> / <s> / </s> specials, so AutoTokenizer loads it offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the texts use more distinct characters than a vocabulary of {vocab_size} holds")
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
