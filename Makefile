@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(PY) -m star_mcore demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build

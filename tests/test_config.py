@@ -59,3 +59,15 @@ def test_eval_section_and_paths_that_only_some_commands_need():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml", REQUIRED)
+
+
+def test_printed_config_reloads_as_the_same_config(tmp_path, capsys):
+    """`star-mcore config` output is a complete config: the launch scripts run every rank on it."""
+    from star_mcore.cli.main import main
+
+    overrides = REQUIRED + ["inference.context_parallel_mode=ring", "model.context_parallel_size=2",
+                            "inference.save_logits=true", "distributed.timeout_s=12.5", "inference.anchor_size=0"]
+    assert main(["config", "--config", DEMO, *overrides]) == 0
+    printed = tmp_path / "resolved.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(str(printed)) == load_config(DEMO, overrides)
