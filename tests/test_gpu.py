@@ -52,8 +52,19 @@ def test_prefix_causal_composition_on_cuda(name):
     assert (lse.double() - ref_l).abs().max() < 2e-2
 
 
-def test_auto_picks_cudnn_for_half():
-    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) is BACKENDS["sdpa_cudnn"]
+@pytest.mark.parametrize("sq,sk", [(1, 5000), (300, 300)])
+def test_auto_dispatch_is_exact_for_decode_and_blocks(sq, sk):
+    fn = resolve_backend("auto", torch.device("cuda"), torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(sq)
+    q = torch.randn(1, 32, sq, 128, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, 8, sk, 128, device="cuda", generator=g).bfloat16()
+    v = torch.randn(1, 8, sk, 128, device="cuda", generator=g).bfloat16()
+    causal = sq == sk
+    out, lse = attend(fn, q, k, v, causal=causal)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda")
+    ref_o, ref_l = _ref(q, k, v, mask.tril() if causal else mask)
+    assert (out.double() - ref_o).norm() / ref_o.norm() < 1e-2
+    assert (lse.double() - ref_l).abs().max() < 2e-2
 
 
 def test_engine_on_gpu_matches_hf(gqa_ckpt):

@@ -88,6 +88,16 @@ def sdpa_cudnn_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
     return res[0], lse.float()
 
 
+def auto_cuda_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                        scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Half precision on CUDA: cuDNN for long query blocks (phase 1, the fastest measured), the flash kernel
+    for few queries (phase 2): cuDNN builds an execution plan per shape, and a decode step's KV length is new
+    at every step."""
+    if q.shape[2] >= 256:
+        return sdpa_cudnn_attention(q, k, v, causal=causal, scale=scale)
+    return sdpa_flash_attention(q, k, v, causal=causal, scale=scale)
+
+
 BACKENDS: Dict[str, AttnFn] = {
     "math": math_attention,
     "sdpa_flash": sdpa_flash_attention,
@@ -101,7 +111,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Attn
     """Pick a kernel by name; ``auto`` takes the fastest one known to work on this device."""
     if name == "auto":
         if device.type == "cuda":
-            name = "sdpa_cudnn" if dtype in (torch.bfloat16, torch.float16) else "sdpa_efficient"
+            if dtype in (torch.bfloat16, torch.float16):
+                return auto_cuda_attention
+            name = "sdpa_efficient"
         else:
             name = "sdpa_flash"
     if name not in BACKENDS:
