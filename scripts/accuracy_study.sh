@@ -34,9 +34,9 @@ for len in 16384 4096; do
     run ruler "$len" none 0
     for div in 1 4 0; do run ruler "$len" star "$div"; done
 done
-for div in 2 8 16; do run ruler 16384 star "$div" "${niah[@]}"; done
-for div in none 1 4 0; do
+for div in none 1 0 4; do
     if [[ $div == none ]]; then run babilong 16384 none 0; else run babilong 16384 star "$div"; fi
 done
+for div in 2 8 16; do run ruler 16384 star "$div" "${niah[@]}"; done
 "$py" -m star_mcore eval-report "$out/ruler.jsonl" --out "$out/ruler.md"
 "$py" -m star_mcore eval-report "$out/babilong.jsonl" --out "$out/babilong.md"
