@@ -59,7 +59,7 @@ def cmd_make_tiny_llama(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.workdir, nproc=args.nproc, context_len=args.context_len)
+    return run_demo(args.workdir, nproc=args.nproc, context_len=args.context_len, model=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="build/demo")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--context-len", type=int, default=4096)
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped probe model)")
     p.set_defaults(func=cmd_demo)
     return parser
 
