@@ -1,0 +1,92 @@
+"""Figures for docs/performance.md from the benchmark JSON under docs/bench/.
+
+    python scripts/plot_bench.py docs/bench
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def phase1(bench: Path) -> None:
+    rows = json.loads((bench / "phase1.json").read_text())["rows"]
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4.2 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        for j, p in enumerate((8, 32)):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["shape"] == shape and r["hosts"] == p]
+            lengths = sorted({r["context"] for r in sel})
+            for scheme, div, style in (("star_shared_uniform", 1, "o-"), ("star_shared_uniform", 4, "o--"),
+                                       ("star_recompute_uniform", 1, "s-"), ("star_recompute_uniform", 4, "s--"),
+                                       ("none", 0, "x:")):
+                xs, ys = [], []
+                for n in lengths:
+                    want = n // p // div if div else 0
+                    r = next((r for r in sel if r["context"] == n and r["scheme"] == scheme and r["anchor"] == want), None)
+                    if r and r["critical_per_layer_s"] == r["critical_per_layer_s"]:
+                        xs.append(n // 1024), ys.append(r["speedup_vs_ring_compute"])
+                label = {"none": "none (one GPU)"}.get(scheme, f"{scheme.replace('_uniform', '')} a=b" + (f"/{div}" if div > 1 else ""))
+                ax.plot(xs, ys, style, label=label)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("context (K tokens)")
+            ax.set_ylabel("speed-up over the ring host (phase 1)")
+            ax.set_title(f"{shape}, {p} hosts, block = context / {p}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(bench / "phase1_speedup.png", dpi=110)
+
+
+def kernels(bench: Path) -> None:
+    d = json.loads((bench / "kernels.json").read_text())
+    rows = [r for r in d["rows"] if "tflops" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in sorted({r["backend"] for r in rows}):
+        for kind, style in (("causal block", "-"), ("block x anchor", "--")):
+            sel = sorted((r["block"], r["tflops"]) for r in rows if r["backend"] == name and r["kind"] == kind)
+            if sel:
+                ax.plot([b // 1024 for b, _ in sel], [t for _, t in sel], "o" + style, label=f"{name}, {kind}")
+    if d.get("bf16_peak_tflops"):
+        ax.axhline(d["bf16_peak_tflops"], color="k", lw=0.8, label="bf16 peak")
+        ax.axhline(0.6 * d["bf16_peak_tflops"], color="gray", lw=0.8, ls=":", label="60% of peak")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block (K tokens)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"attention kernels, bf16, 32 q / 8 kv heads, {d['hardware'].get('gpu', '')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(bench / "kernels.png", dpi=110)
+
+
+def decode(bench: Path) -> None:
+    rows = json.loads((bench / "decode.json").read_text())["rows"]
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for p in sorted({r["hosts"] for r in rows}):
+            sel = sorted((r["context"], r["step_per_layer_s"]) for r in rows if r["shape"] == shape and r["hosts"] == p)
+            ax.plot([n // 1024 for n, _ in sel], [t * 1e3 for _, t in sel], "o-", label=f"{p} host(s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_ylabel("decode step, ms per layer")
+        ax.set_title(f"{shape}: one token, local KV + merge")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(bench / "decode.png", dpi=110)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
+    phase1(out)
+    kernels(out)
+    decode(out)
+    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png")
