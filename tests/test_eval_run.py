@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from star_mcore.eval.loop import Appender, read_done
+from star_mcore.eval.loop import read_done
+from star_mcore.inference.requests import ResultWriter
 from test_cli import CONFIG, ROOT, _env, free_port, star_mcore
 
 import subprocess
@@ -66,14 +67,14 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_samples(first_run,
 def test_resume_reads_only_whole_lines_of_the_same_setting(tmp_path):
     path = tmp_path / "r.jsonl"
     setting = {"mode": "star", "anchor_size": 64}
-    w = Appender(str(path))
+    w = ResultWriter(str(path))
     w.write({"task": "vt", "length": 300, "sample": 0, "setting": setting})
     w.write({"task": "vt", "length": 300, "sample": 1, "setting": {**setting, "anchor_size": 0}})
     w.close()
     with open(path, "a") as f:
         f.write('{"task": "vt", "length": 300, "sam')
     assert read_done(str(path), setting) == {("vt", 300, 0)}
-    w = Appender(str(path))  # cuts the partial line before appending
+    w = ResultWriter(str(path))  # cuts the partial line before appending
     w.write({"task": "vt", "length": 300, "sample": 2, "setting": setting})
     w.close()
     assert read_done(str(path), setting) == {("vt", 300, 0), ("vt", 300, 2)}

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import ConfigError, RunError
+from ..inference.requests import ResultWriter
 from ..inference.runner import log, open_session, preflight
 from .tasks import Task, select
 from .text import TooShort
@@ -52,26 +53,6 @@ def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
             if isinstance(rec, dict) and rec.get("setting") == setting:
                 done.add((rec["task"], rec["length"], rec["sample"]))
     return done
-
-
-class Appender:
-    """Appends one JSON line per sample and flushes it; first cuts a trailing partial line left by a kill."""
-
-    def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a+b")
-        self._f.seek(0)
-        data = self._f.read()
-        if data and not data.endswith(b"\n"):
-            self._f.truncate(data.rfind(b"\n") + 1)
-        self._f.seek(0, os.SEEK_END)
-
-    def write(self, record: Dict[str, Any]) -> None:
-        self._f.write((json.dumps(record) + "\n").encode("utf-8"))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 def _tasks_and_data(cfg: RunConfig, benchmark: str) -> Tuple[List[Task], Dict[str, Any], List[str]]:
@@ -129,7 +110,7 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
             raise RunError(f"eval.output_path={ev.output_path}: ranks see different files (put it on a filesystem "
                            "every rank shares)")
         dist.barrier()
-        writer = Appender(ev.output_path) if s.writer else None
+        writer = ResultWriter(ev.output_path) if s.writer else None
         if writer and skipped:
             log(f"note: skipping {', '.join(skipped)}: give a local file to run it")
         tok = s.tokenizer

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -98,7 +98,7 @@ class Watchdog:
             store = _store(self.stale_after_s)
         except Exception as e:  # noqa: BLE001
             verdict(f"the job's rendezvous store is unreachable: {type(e).__name__}", linger=False)
-        beats, seen = 0, {}  # type: int, Dict[int, tuple]
+        beats, seen = 0, {}  # rank -> (heartbeat count, local time it last changed)
         while True:
             if os.getppid() != parent:
                 os._exit(0)  # the rank is gone; its silence tells the others
