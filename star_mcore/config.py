@@ -35,6 +35,7 @@ class ModelConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = "gpu"  # gpu (NCCL) | cpu (gloo)
+    device_memory_gib: float = 0.0  # memory one rank may use; 0 = the GPU's (or, on CPU, RAM / ranks per node)
 
 
 @dataclass
@@ -137,6 +138,7 @@ def validate(cfg: RunConfig) -> None:
     need(inf.context_parallel_mode != "none" or m.context_parallel_size == 1,
          "inference.context_parallel_mode=none runs without context parallelism: "
          f"set model.context_parallel_size=1 (got {m.context_parallel_size})")
+    need(cfg.trainer.device_memory_gib >= 0, "trainer.device_memory_gib must be >= 0")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0")
     need(cfg.distributed.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s must be > 0")
     ev = cfg.eval

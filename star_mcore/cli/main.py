@@ -41,6 +41,29 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..inference.planner import device_capacity, plan
+    from ..inference.runner import longest_request, preflight
+
+    cfg = load_config(args.config, args.overrides)
+    arch = preflight(cfg, launched=False)
+    if args.context_len:
+        ctx, qry = args.context_len, args.query_len
+    elif cfg.inference.input_path:
+        ctx, qry = longest_request(cfg, arch) or (0, 0)
+    else:
+        ctx, qry = arch.max_position_embeddings - cfg.inference.tokens_to_generate - args.query_len, args.query_len
+    p = plan(cfg, arch, ctx, qry)
+    cap = device_capacity(cfg)
+    m, inf = cfg.model, cfg.inference
+    print(f"{inf.context_parallel_mode}: {ctx} context + {qry} query tokens, TP {m.tensor_model_parallel_size} x "
+          f"CP {m.context_parallel_size}, {m.precision}, block {inf.block_size}, anchor {inf.anchor_size} "
+          f"({inf.anchor_mode}, {inf.partition})")
+    print(p.table(cap))
+    print("fits" if p.total <= cap else "does NOT fit")
+    return 0 if p.total <= cap else 3
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -78,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="results JSONL file(s) written by eval")
     p.add_argument("--out", required=True, help="markdown file to write; the plot goes beside it as .png")
     p.set_defaults(func=cmd_eval_report)
+    p = sub.add_parser("plan", help="estimate per-GPU memory (weights, KV cache, activations) of a run")
+    _config_args(p)
+    p.add_argument("--context-len", type=int, default=0, help="default: the input's longest request, else max positions")
+    p.add_argument("--query-len", type=int, default=64)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
     p.set_defaults(func=cmd_config)

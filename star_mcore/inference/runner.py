@@ -9,7 +9,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,11 +22,13 @@ from ..model.llama import StarLlama
 from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
+from .planner import check_fits
 from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
 
 
-def preflight(cfg: RunConfig) -> LlamaArch:
-    """What every command can check before process groups and weights exist."""
+def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
+    """What every command can check before process groups and weights exist (``launched``: also that the
+    world size matches TP x CP, which only holds inside the job)."""
     ckpt = Path(cfg.checkpoint.hf_path)
     if not (ckpt / "config.json").is_file():
         raise RunError(f"checkpoint.hf_path={ckpt}: not an HF checkpoint directory (no config.json)")
@@ -38,13 +40,13 @@ def preflight(cfg: RunConfig) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp * cp:
+    if launched and world != tp * cp:
         raise RunError(f"world size {world} != tensor_model_parallel_size ({tp}) x context_parallel_size ({cp}); "
                        f"launch {tp * cp} processes (torchrun --nproc-per-node={tp * cp})")
     if arch.num_heads % tp or arch.num_kv_heads % tp:
         raise RunError(f"model.tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} attention "
                        f"heads and {arch.num_kv_heads} KV heads")
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+    if launched and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
     return arch
 
@@ -117,6 +119,18 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
     destroy_parallel()
 
 
+def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
+    """(context, query) tokens of the input's longest valid request, for the memory planner."""
+    tok = Tokenizer(cfg.checkpoint.hf_path)
+    best = None
+    for line_no, line in read_lines(cfg.inference.input_path):
+        req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
+                            cfg.inference.tokens_to_generate)
+        if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
+            best = (len(req.context_ids), len(req.query_ids))
+    return best
+
+
 def run_generation(cfg: RunConfig) -> int:
     inf = cfg.inference
     for key in ("input_path", "output_path"):
@@ -127,6 +141,9 @@ def run_generation(cfg: RunConfig) -> int:
     if Path(inf.output_path).is_dir():
         raise RunError(f"inference.output_path={inf.output_path}: is a directory, not a file")
     arch = preflight(cfg)
+    longest = longest_request(cfg, arch)
+    if longest is not None:
+        check_fits(cfg, arch, *longest)
     with open_session(cfg, arch) as s:
         tokenizer, engine = s.tokenizer, s.engine
         done = finished_ids(inf.output_path)  # every rank reads it before the writer appends: same skips

@@ -1,0 +1,103 @@
+"""Memory planner: per-GPU bytes of weights, KV cache and the largest phase-1 forward, from config.json and
+the run's settings, so a run that cannot fit is refused before any weight is loaded."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List
+
+from ..config import RunConfig
+from ..errors import RunError
+from ..model.arch import LlamaArch
+from ..model.llama import padded_vocab_size
+from ..ops.layout import ring_chunks, star_blocks
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    weights: int  # bytes per GPU
+    kv_cache: int  # the fullest host's cache (the query host also holds the query and the generated tokens)
+    activations: int  # the largest phase-1 forward (one block with its anchor, a ring host's tokens, ...)
+    segment_tokens: int  # tokens of that forward
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def table(self, capacity: int) -> str:
+        rows = [("weights", self.weights), ("KV cache (fullest host)", self.kv_cache),
+                (f"phase-1 activations ({self.segment_tokens} tokens)", self.activations), ("total", self.total),
+                ("device memory", capacity)]
+        return "\n".join(f"{name:40} {b / GiB:10.3f} GiB" for name, b in rows)
+
+
+def weight_bytes(arch: LlamaArch, tp: int, precision: str) -> int:
+    h, hd = arch.hidden_size, arch.head_dim
+    per_layer = (h * (arch.num_heads + 2 * arch.num_kv_heads) * hd + arch.num_heads * hd * h
+                 + 3 * h * arch.intermediate_size) // tp + 2 * h
+    vocab = padded_vocab_size(arch.vocab_size, tp) // tp * h * 2  # embedding + output layer shards
+    return (arch.num_layers * per_layer + vocab + h) * DTYPE_BYTES[precision]
+
+
+def kv_bytes_per_token(arch: LlamaArch, tp: int, precision: str) -> int:
+    return arch.num_layers * 2 * (arch.num_kv_heads // tp) * arch.head_dim * DTYPE_BYTES[precision]
+
+
+def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> Plan:
+    tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
+    inf, prec = cfg.inference, cfg.model.precision
+    new_tokens = query_len + inf.tokens_to_generate
+    if inf.context_parallel_mode == "star":
+        first = inf.block_size + (inf.anchor_size if inf.partition == "balanced" else 0)
+        hosts = star_blocks(context_len, inf.block_size, cp, first_block_size=first)
+        held: List[int] = [sum(len(b) for b in h) for h in hosts]
+        extra = inf.anchor_size if inf.anchor_mode == "recompute" else 0
+        segment = max(len(b) + (extra if b.start else 0) for h in hosts for b in h)
+        anchor_kv = inf.anchor_size if inf.anchor_mode == "shared" and cp > 1 else 0
+    elif inf.context_parallel_mode == "ring":
+        held = [len(a) + len(b) for a, b in ring_chunks(context_len, cp)]
+        segment, anchor_kv = max(held), 0
+    else:
+        held, segment, anchor_kv = [context_len], context_len, 0
+    held[-1] += new_tokens
+    per_token_kv = kv_bytes_per_token(arch, tp, prec)
+    kv = max(held) * per_token_kv
+    b = DTYPE_BYTES[prec]
+    h, i = arch.hidden_size, arch.intermediate_size // tp
+    qkv = (arch.num_heads + 2 * arch.num_kv_heads) // tp * arch.head_dim
+    # hidden-state copies (residual, norm, attention out) + SwiGLU's fc1 output and product + q, k, v
+    act_per_token = (4 * h + 3 * i + 2 * qkv) * b
+    ring_buffers = 2 * per_token_kv // arch.num_layers * segment if inf.context_parallel_mode == "ring" else 0
+    activations = segment * act_per_token + anchor_kv * per_token_kv + ring_buffers
+    return Plan(weight_bytes(arch, tp, prec), kv, activations, segment)
+
+
+def device_capacity(cfg: RunConfig) -> int:
+    """Bytes one rank may use: ``trainer.device_memory_gib`` if set, else the GPU's memory, or on CPU the
+    machine's memory shared by the ranks of this node."""
+    if cfg.trainer.device_memory_gib > 0:
+        return int(cfg.trainer.device_memory_gib * GiB)
+    if cfg.trainer.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return 80 * GiB  # planning away from the GPUs: assume an 80 GB card (set trainer.device_memory_gib)
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks_here
+
+
+def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> Plan:
+    """Refuse (one line) a run whose estimate exceeds the device's memory."""
+    p = plan(cfg, arch, context_len, query_len)
+    cap = device_capacity(cfg)
+    if p.total > cap:
+        raise RunError(f"the run does not fit: about {p.total / GiB:.2f} GiB per GPU (weights {p.weights / GiB:.2f}, "
+                       f"KV cache {p.kv_cache / GiB:.2f}, phase-1 activations {p.activations / GiB:.2f}) for "
+                       f"{context_len} context tokens, > {cap / GiB:.2f} GiB of device memory; add hosts or TP, "
+                       "use smaller blocks or anchor, or shorter requests (star-mcore plan shows the estimate)")
+    return p

@@ -1,0 +1,63 @@
+"""The memory planner: its arithmetic against real tensors, the `plan` command, and refusal before loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from star_mcore.config import load_config
+from star_mcore.inference.planner import kv_bytes_per_token, plan, weight_bytes
+from star_mcore.model.arch import LlamaArch
+from test_cli import CONFIG, star_mcore
+
+BASE = ["inference.input_path=x", "inference.output_path=y"]
+
+
+def test_weight_estimate_is_the_checkpoint_size(gqa_ckpt):
+    arch = LlamaArch.from_hf_dir(gqa_ckpt)
+    with safe_open(str(Path(gqa_ckpt) / "model.safetensors"), framework="pt") as f:
+        total = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1] for k in f.keys())
+    assert weight_bytes(arch, 1, "fp32") == 4 * total
+    assert weight_bytes(arch, 1, "bf16") == 2 * total
+    # TP=2 splits everything but the norms; the vocabulary (101) is padded to 102
+    assert weight_bytes(arch, 2, "fp32") < 0.55 * 4 * total
+
+
+def test_kv_estimate_follows_the_layout(gqa_ckpt):
+    arch = LlamaArch.from_hf_dir(gqa_ckpt)
+    per = kv_bytes_per_token(arch, 1, "fp32")
+    assert per == 2 * 2 * 2 * 16 * 4  # layers x (K, V) x KV heads x head dim x fp32
+    cfg = load_config(CONFIG, BASE + [f"checkpoint.hf_path={gqa_ckpt}", "inference.block_size=100",
+                                      "inference.anchor_size=100", "inference.tokens_to_generate=10"])
+    p = plan(cfg, arch, context_len=1000, query_len=5)
+    assert p.kv_cache == 300 * per  # 10 blocks over 4 hosts: 3, 3, 2, 2 (+15 on the last: 215 < 300)
+    assert p.segment_tokens == 100  # shared anchor: each forward is one block
+    assert plan(cfg, arch, context_len=800, query_len=5).kv_cache == (200 + 15) * per  # 2, 2, 2, 2: the query host
+    cfg = load_config(CONFIG, BASE + [f"checkpoint.hf_path={gqa_ckpt}", "inference.block_size=100",
+                                      "inference.anchor_size=100", "inference.anchor_mode=recompute"])
+    assert plan(cfg, arch, 1000, 5).segment_tokens == 200  # recompute: anchor + block
+
+
+def test_plan_command_prints_the_estimate(gqa_ckpt):
+    res = star_mcore("plan", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}", "trainer.device_memory_gib=1",
+                     "--context-len", "400")
+    assert res.returncode == 0, res.stderr
+    assert "weights" in res.stdout and "KV cache (fullest host)" in res.stdout and res.stdout.strip().endswith("fits")
+    res = star_mcore("plan", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}", "trainer.device_memory_gib=0.00001",
+                     "--context-len", "400")
+    assert res.returncode == 3 and "does NOT fit" in res.stdout
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(gqa_ckpt, tmp_path):
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"id": "a", "context_ids": list(range(90)) * 4, "query_ids": [1]}) + "\n")
+    res = star_mcore("generate", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}", f"inference.input_path={req}",
+                     f"inference.output_path={tmp_path / 'o.jsonl'}", "model.context_parallel_size=1",
+                     "trainer.device_memory_gib=0.0001")
+    assert res.returncode == 2
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("star-mcore: error: the run does not fit: about ")
+    assert "for 360 context tokens" in lines[0]
+    assert not (tmp_path / "o.jsonl").exists()
