@@ -49,6 +49,7 @@ class InferenceConfig:
     input_path: str = ""  # generate: JSONL of {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
     output_path: str = ""  # generate: JSONL, one line per request, in input order
     save_logits: bool = False  # add the first generated token's full-vocabulary logits to each output
+    apply_chat_template: bool = False  # text requests: wrap context + query in the tokenizer's chat template
     attention_backend: str = "auto"  # auto | math | sdpa_flash | sdpa_efficient | sdpa_cudnn
 
 

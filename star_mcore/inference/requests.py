@@ -50,6 +50,23 @@ class Tokenizer:
     def decode(self, ids: List[int]) -> str:
         return self._get().decode(ids, skip_special_tokens=True)
 
+    def has_chat_template(self) -> bool:
+        try:
+            return bool(getattr(self._get(), "chat_template", None))
+        except RequestError:  # no tokenizer at all
+            return False
+
+    def encode_chat(self, context: str, query: str) -> tuple:
+        """The chat template applied to one user turn ``context + query`` (plus the assistant header), cut
+        where the query starts: (context ids for phase 1, query ids for phase 2). The template's own special
+        tokens (BOS, headers) come from the template, not added again."""
+        tok = self._get()
+        cut = "\uE000"  # a private-use character: never in real text
+        text = tok.apply_chat_template([{"role": "user", "content": context + cut + query}], tokenize=False,
+                                       add_generation_prompt=True)
+        head, tail = text.split(cut, 1)
+        return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
+
 
 def _ids(value: Any, key: str, vocab_size: int) -> torch.Tensor:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -61,7 +78,7 @@ def _ids(value: Any, key: str, vocab_size: int) -> torch.Tensor:
 
 
 def parse_request(line: str, line_no: int, tokenizer: Tokenizer, vocab_size: int, max_positions: int,
-                  tokens_to_generate: int) -> Request:
+                  tokens_to_generate: int, chat: bool = False) -> Request:
     """One JSONL line -> a Request (with ``error`` set instead of raising for anything wrong with it)."""
     rid: Any = f"line-{line_no}"
     try:
@@ -79,8 +96,12 @@ def parse_request(line: str, line_no: int, tokenizer: Tokenizer, vocab_size: int
         elif "context" in obj or "query" in obj:
             if not isinstance(obj.get("context"), str) or not isinstance(obj.get("query"), str):
                 raise RequestError("context and query must both be strings")
-            ctx = _ids(tokenizer.encode(obj["context"], add_bos=True), "context", vocab_size)
-            qry = _ids(tokenizer.encode(obj["query"], add_bos=False), "query", vocab_size)
+            if chat:
+                ctx_ids, qry_ids = tokenizer.encode_chat(obj["context"], obj["query"])
+            else:
+                ctx_ids = tokenizer.encode(obj["context"], add_bos=True)
+                qry_ids = tokenizer.encode(obj["query"], add_bos=False)
+            ctx, qry = _ids(ctx_ids, "context", vocab_size), _ids(qry_ids, "query", vocab_size)
             text = True
         else:
             raise RequestError('a request needs "context_ids" and "query_ids", or "context" and "query"')

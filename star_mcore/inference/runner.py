@@ -122,10 +122,13 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
 def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
     """(context, query) tokens of the input's longest valid request, for the memory planner."""
     tok = Tokenizer(cfg.checkpoint.hf_path)
+    if cfg.inference.apply_chat_template and not tok.has_chat_template():
+        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {cfg.checkpoint.hf_path} has no "
+                       "chat template")
     best = None
     for line_no, line in read_lines(cfg.inference.input_path):
         req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
-                            cfg.inference.tokens_to_generate)
+                            cfg.inference.tokens_to_generate, cfg.inference.apply_chat_template)
         if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
             best = (len(req.context_ids), len(req.query_ids))
     return best
@@ -154,7 +157,7 @@ def run_generation(cfg: RunConfig) -> int:
         n_ok = n_err = 0
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
-                                inf.tokens_to_generate)
+                                inf.tokens_to_generate, inf.apply_chat_template)
             if id_key(req.id) in done:
                 continue
             if req.error is None:
