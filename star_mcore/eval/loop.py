@@ -9,8 +9,6 @@ resumes without redoing or losing samples.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Set, Tuple
 
@@ -20,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import ConfigError, RunError
-from ..inference.requests import ResultWriter
+from ..inference.requests import ResultWriter, read_records
 from ..inference.runner import log, open_session, preflight
 from .tasks import Task, select
 from .text import TooShort
@@ -41,18 +39,7 @@ def setting_of(cfg: RunConfig) -> Dict[str, Any]:
 
 def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
     """The samples ``path`` already holds for ``setting``; a line cut short by an interrupted run is ignored."""
-    done: Set[Key] = set()
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("setting") == setting:
-                done.add((rec["task"], rec["length"], rec["sample"]))
-    return done
+    return {(r["task"], r["length"], r["sample"]) for r in read_records(path) if r.get("setting") == setting}
 
 
 def _tasks_and_data(cfg: RunConfig, benchmark: str) -> Tuple[List[Task], Dict[str, Any], List[str]]:

@@ -131,20 +131,24 @@ def id_key(rid: Any) -> str:
     return json.dumps(rid, sort_keys=True)
 
 
+def read_records(path: str) -> Iterator[Dict[str, Any]]:
+    """The JSON objects of a results file, one a line; a torn line (a run died while writing it) is skipped,
+    and a missing file has none."""
+    if not Path(path).is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
 def finished_ids(path: str) -> set:
-    """Keys of the requests already answered (result or error) in an existing output file. A torn last
-    line (the run died while writing it) does not count."""
-    done = set()
-    if Path(path).is_file():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "id" in rec and ("generated_ids" in rec or "error" in rec):
-                    done.add(id_key(rec["id"]))
-    return done
+    """Keys of the requests already answered (result or error) in an existing output file."""
+    return {id_key(r["id"]) for r in read_records(path) if "id" in r and ("generated_ids" in r or "error" in r)}
 
 
 class ResultWriter:
