@@ -40,14 +40,10 @@ class HostDecode:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--shapes", default="llama3.1-8b,llama3.1-70b")
+    benchlib.common_args(ap)
     ap.add_argument("--lengths", default="32768,131072,524288,1048576")
     ap.add_argument("--hosts", default="1,4,8,16,32")
-    ap.add_argument("--backend", default="auto")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         args.shapes, args.lengths, args.hosts, args.reps = "tiny", "512", "1,4", 2

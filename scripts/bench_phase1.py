@@ -56,15 +56,11 @@ class RingHost:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--shapes", default="llama3.1-8b,llama3.1-70b")
+    benchlib.common_args(ap)
     ap.add_argument("--lengths", default="16384,32768,131072,262144,524288,1048576")
     ap.add_argument("--hosts", default="4,8,16,32")
-    ap.add_argument("--backend", default="auto")
     ap.add_argument("--none-max", type=int, default=262144, help="longest context the single-device run is timed at")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="tiny shape and lengths: checks the script on any device")
     args = ap.parse_args()
     if args.smoke:
         args.shapes, args.lengths, args.hosts, args.none_max, args.reps = "tiny", "256,512", "4,8", 512, 1

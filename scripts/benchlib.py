@@ -25,6 +25,15 @@ SHAPES: Dict[str, dict] = {
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM datasheet)
 
 
+def common_args(ap) -> None:
+    """The options every model benchmark takes."""
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--shapes", default="llama3.1-8b,llama3.1-70b")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape and lengths: checks the script on any device")
+
+
 def setup(device_kind: str) -> ParallelGroups:
     """A world of one process (the benchmarks time one host's work on one device)."""
     device = init_process_group("gpu" if device_kind == "cuda" else "cpu", 600)

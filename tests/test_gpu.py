@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from star_mcore.ops import BACKENDS, attend, attend_prefix_causal, resolve_backend
+from test_ops import _dense
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA_BACKENDS = ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
-
-
-def _ref(q, k, v, mask):
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
-    s = (q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
@@ -33,7 +24,7 @@ def test_backend_out_and_lse_match_fp64(name, dtype, hk, sq, sk, causal):
     v = torch.randn(1, hk, sk, 128, device="cuda", generator=g).to(dtype)
     out, lse = attend(BACKENDS[name], q, k, v, causal=causal)
     mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda")
-    ref_o, ref_l = _ref(q, k, v, mask.tril() if causal else mask)
+    ref_o, ref_l = _dense(q, k, v, mask.tril() if causal else mask)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (1, 32, sq)
     rel = (out.double() - ref_o).norm() / ref_o.norm()
     assert rel < 1e-2, rel
@@ -47,7 +38,7 @@ def test_prefix_causal_composition_on_cuda(name):
     k = torch.randn(1, 8, 576, 128, device="cuda", generator=g).bfloat16()
     v = torch.randn(1, 8, 576, 128, device="cuda", generator=g).bfloat16()
     out, lse = attend_prefix_causal(BACKENDS[name], q, k[:, :, :512], v[:, :, :512], k[:, :, 512:], v[:, :, 512:])
-    ref_o, ref_l = _ref(q, k, v, torch.ones(64, 576, dtype=torch.bool, device="cuda").tril(diagonal=512))
+    ref_o, ref_l = _dense(q, k, v, torch.ones(64, 576, dtype=torch.bool, device="cuda").tril(diagonal=512))
     assert (out.double() - ref_o).norm() / ref_o.norm() < 1e-2
     assert (lse.double() - ref_l).abs().max() < 2e-2
 
@@ -62,7 +53,7 @@ def test_auto_dispatch_is_exact_for_decode_and_blocks(sq, sk):
     causal = sq == sk
     out, lse = attend(fn, q, k, v, causal=causal)
     mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda")
-    ref_o, ref_l = _ref(q, k, v, mask.tril() if causal else mask)
+    ref_o, ref_l = _dense(q, k, v, mask.tril() if causal else mask)
     assert (out.double() - ref_o).norm() / ref_o.norm() < 1e-2
     assert (lse.double() - ref_l).abs().max() < 2e-2
 

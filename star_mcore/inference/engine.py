@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..config import ANCHOR_MODES, PARTITIONS
 from ..model.llama import StarLlama
 from ..ops.attention import resolve_backend
 from ..ops.layout import ring_chunks, star_block_tokens, star_blocks
@@ -53,7 +54,7 @@ class Engine:
     def __init__(self, model: StarLlama, groups: ParallelGroups, settings: EngineSettings) -> None:
         if settings.mode == "none" and groups.cp_size != 1:
             raise ValueError("context_parallel_mode=none needs context_parallel_size=1")
-        if settings.anchor_mode not in ("shared", "recompute") or settings.partition not in ("uniform", "balanced"):
+        if settings.anchor_mode not in ANCHOR_MODES or settings.partition not in PARTITIONS:
             raise ValueError(f"unknown anchor_mode {settings.anchor_mode!r} or partition {settings.partition!r}")
         self.model, self.groups, self.s = model, groups, settings
         self.attn = resolve_backend(settings.attention_backend, groups.device, model.dtype)

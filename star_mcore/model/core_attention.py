@@ -31,7 +31,10 @@ class AttentionRuntime:
         self.nonfinite: Optional[Tensor] = None
 
     def reset_guard(self, device: torch.device) -> None:
-        self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+        if self.nonfinite is None or self.nonfinite.device != device:
+            self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+        else:
+            self.nonfinite.zero_()  # once per decode step: no new allocation
 
     def record(self, layer: int, out: Tensor) -> None:
         if self.nonfinite is not None:
