@@ -160,6 +160,7 @@ def test_bf16_ring_and_star_track_fp32_global_attention(gqa_ckpt):
              for v in ("ring", "star-1block")]
     ranks = run_world(2, battery, gqa_ckpt, 1, 2, cases, (), None, "auto", "bf16")
     _, logits = reference(gqa_ckpt, "L64", "none", 8, 8)
+    assert ranks[0]["param_dtypes"] == ["torch.bfloat16"]  # norms too: nothing is kept in fp32
     for v in ("ring", "star-1block"):
         got = torch.tensor(ranks[1]["cases"][v]["logits"])
         assert (got - logits).abs().max().item() < 0.15

@@ -32,7 +32,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
     groups, model = _setup(ckpt, tp, cp, precision, accelerator)
-    res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {}}
+    res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {},
+                           "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()})}
     try:
         for c in cases:
             eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],

@@ -85,10 +85,22 @@ class Engine:
         else:
             raise ValueError(f"unknown context_parallel_mode {s.mode!r}")
 
+    def _star_layout(self, n: int):
+        first = self.s.block_size + (self.s.anchor_size if self.s.partition == "balanced" else 0)
+        return star_blocks(n, self.s.block_size, self.groups.cp_size, first_block_size=first)
+
+    def context_share(self, n: int) -> int:
+        """Context tokens of an ``n``-token context that this host keeps in its KV cache."""
+        g = self.groups
+        if self.s.mode == "star":
+            return sum(len(b) for b in self._star_layout(n)[g.cp_rank])
+        if self.s.mode == "ring":
+            return sum(len(c) for c in ring_chunks(n, g.cp_size)[g.cp_rank])
+        return n
+
     def _prefill_star(self, context_ids: Tensor, cache: KVCache) -> None:
         g, m, s = self.groups, self.model, self.s
-        first = s.block_size + (s.anchor_size if s.partition == "balanced" else 0)
-        layout = star_blocks(len(context_ids), s.block_size, g.cp_size, first_block_size=first)
+        layout = self._star_layout(len(context_ids))
         n_anchor = min(s.anchor_size, len(layout[0][0]))
         needs_anchor = n_anchor > 0 and len(context_ids) > len(layout[0][0])
         if s.anchor_mode == "recompute" or not needs_anchor:
@@ -130,7 +142,8 @@ class Engine:
         ``tokens_to_generate`` overrides the settings' budget for this request."""
         g, m, s = self.groups, self.model, self.s
         budget = tokens_to_generate or s.tokens_to_generate
-        cache = KVCache(m.arch.num_layers)
+        held = self.context_share(len(context_ids)) + (len(query_ids) + budget if g.is_query_host else 0)
+        cache = KVCache(m.arch.num_layers, reserve=held)
         n_layers = m.arch.num_layers
         m.runtime.reset_guard(g.device)
         t0 = time.perf_counter()

@@ -11,12 +11,18 @@ Tensor = torch.Tensor
 
 
 class KVCache:
-    """Per-layer K and V, each [b, hk, n, d], grown in place (capacity doubles, so decode appends are O(1))."""
+    """Per-layer K and V, each [b, hk, n, d], grown in place.
 
-    def __init__(self, num_layers: int) -> None:
+    ``reserve`` is the number of tokens the host will hold in all (its context share, plus the query and
+    the generated tokens on the query host): the first append allocates that much, so a long context is
+    never copied into a larger buffer. Past it, capacity doubles (appends stay O(1) amortised).
+    """
+
+    def __init__(self, num_layers: int, reserve: int = 0) -> None:
         self._k: List[Optional[Tensor]] = [None] * num_layers
         self._v: List[Optional[Tensor]] = [None] * num_layers
         self._len = [0] * num_layers
+        self._reserve = reserve
 
     def __len__(self) -> int:
         """Tokens held (the same in every layer once a forward pass is complete)."""
@@ -26,7 +32,7 @@ class KVCache:
         n, need = self._len[layer], self._len[layer] + k.shape[2]
         buf = self._k[layer]
         if buf is None or buf.shape[2] < need:
-            cap = max(need, 2 * (buf.shape[2] if buf is not None else 0))
+            cap = max(need, 2 * buf.shape[2]) if buf is not None else max(need, self._reserve)
             shape = k.shape[:2] + (cap,) + k.shape[3:]
             new_k, new_v = k.new_empty(shape), v.new_empty(shape)
             if buf is not None:

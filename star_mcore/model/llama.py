@@ -95,7 +95,7 @@ class StarLlama:
             share_embeddings_and_output_weights=False,
             position_embedding_type="none",  # RoPE frequencies come from position ids, below
             pg_collection=groups.pg_collection,
-        ).to(self.device).eval()
+        ).to(device=self.device, dtype=self.dtype).eval()  # mcore's torch RMSNorm is built in fp32: bf16 end to end
         self.inv_freq = inv_frequencies(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(self.device)
 
     def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:

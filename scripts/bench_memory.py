@@ -1,0 +1,102 @@
+"""The memory planner against measured GPU memory: real engine runs (phase 1 + a few decode steps) of
+Llama-8B/70B-shaped models with random bf16 weights and a few layers, on one GPU (a CP=1 host; star with
+several blocks on the host), peak allocated bytes vs ``star-mcore plan``'s estimate.
+
+    python scripts/bench_memory.py --out docs/bench/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from star_mcore.config import load_config  # noqa: E402
+from star_mcore.inference.engine import Engine, EngineSettings  # noqa: E402
+from star_mcore.inference.planner import plan  # noqa: E402
+from star_mcore.model.arch import LlamaArch  # noqa: E402
+from star_mcore.model.llama import StarLlama  # noqa: E402
+
+QUERY, NEW = 32, 4
+# (shape, layers, context, mode, block, anchor, anchor_mode)
+CASES = [
+    ("llama3.1-8b", 4, 16384, "none", 0, 0, "shared"),
+    ("llama3.1-8b", 4, 65536, "none", 0, 0, "shared"),
+    ("llama3.1-8b", 4, 131072, "none", 0, 0, "shared"),
+    ("llama3.1-8b", 4, 131072, "star", 32768, 32768, "shared"),
+    ("llama3.1-8b", 4, 131072, "star", 32768, 32768, "recompute"),
+    ("llama3.1-8b", 4, 262144, "star", 32768, 8192, "shared"),
+    ("llama3.1-70b", 2, 32768, "none", 0, 0, "shared"),
+    ("llama3.1-70b", 2, 131072, "star", 32768, 32768, "recompute"),
+]
+SMOKE = [("tiny", 2, 256, "none", 0, 0, "shared"), ("tiny", 2, 512, "star", 128, 64, "recompute")]
+
+
+def random_model(shape: str, layers: int, groups, vocab: int) -> StarLlama:
+    s = benchlib.SHAPES[shape]
+    arch = LlamaArch(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                     num_layers=layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
+                     head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
+    model = StarLlama(arch, groups, "bf16")
+    with torch.no_grad():
+        for name, p in model.gpt.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    return model
+
+
+def estimate(arch: LlamaArch, n: int, mode: str, block: int, anchor: int, anchor_mode: str):
+    cfg = load_config(None, ["checkpoint.hf_path=unused", "inference.input_path=x", "inference.output_path=y",
+                             "model.precision=bf16", "trainer.accelerator=gpu", f"inference.context_parallel_mode={mode}",
+                             f"inference.block_size={block or n}", f"inference.anchor_size={anchor}",
+                             f"inference.anchor_mode={anchor_mode}", f"inference.tokens_to_generate={NEW}"])
+    return plan(cfg, arch, n, QUERY)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    benchlib.common_args(ap)
+    args = ap.parse_args()
+    benchlib.env_flags()
+    groups = benchlib.setup(benchlib.device_kind(args.device))
+    dev = groups.device
+    cases = SMOKE if args.smoke else CASES
+    rows, built = [], None
+    for shape, layers, n, mode, block, anchor, anchor_mode in cases:
+        if built is None or built[0] != (shape, layers):
+            built = None
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+            model = random_model(shape, layers, groups, vocab=128256 if shape != "tiny" else 1000)
+            built = ((shape, layers), model)
+        model = built[1]
+        engine = Engine(model, groups, EngineSettings(mode=mode, block_size=block or n, anchor_size=anchor,
+                                                      tokens_to_generate=NEW, attention_backend=args.backend,
+                                                      anchor_mode=anchor_mode))
+        g = torch.Generator().manual_seed(n)
+        ctx = torch.randint(0, model.arch.vocab_size, (n,), generator=g).to(dev)
+        qry = torch.randint(0, model.arch.vocab_size, (QUERY,), generator=g).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        engine.generate(ctx, qry)
+        est = estimate(model.arch, n, mode, block, anchor, anchor_mode)
+        row = dict(shape=shape, layers=layers, context=n, mode=mode, block=block, anchor=anchor,
+                   anchor_mode=anchor_mode, plan_weights=est.weights, plan_kv=est.kv_cache,
+                   plan_activations=est.activations, plan_total=est.total)
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+            row.update(measured_weights=before, measured_peak=peak,
+                       measured_reserved=torch.cuda.max_memory_reserved(), ratio=round(peak / est.total, 3))
+        rows.append(row)
+        print({k: (round(v / 2**30, 3) if isinstance(v, int) and v > 2**20 else v) for k, v in row.items()}, flush=True)
+    benchlib.write_json(args.out, {"hardware": benchlib.hardware(), "backend": args.backend,
+                                   "query_tokens": QUERY, "new_tokens": NEW, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
