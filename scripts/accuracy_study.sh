@@ -3,6 +3,7 @@
 # anchor = block, block/4 and 0 (block = length / 4, the paper's 4 hosts), plus an anchor-size curve on the
 # NIAH tasks. Usage: scripts/accuracy_study.sh OUTDIR [extra key=value ...]
 #
+# STAGES (default: all) picks parts of the study, see the loop at the end.
 # HOSTS=4 runs star on 4 ranks (torchrun, one GPU each). The default, HOSTS=1, runs the same 4 blocks on one
 # device: star's numbers do not depend on where the blocks run (tests/test_equivalence.py checks CP = 1..4
 # against one reference), so the accuracy is the 4-host accuracy.
@@ -30,13 +31,21 @@ run() {  # run BENCH LENGTH MODE ANCHOR_DIVISOR(0 = no anchor) TASKS...
 }
 
 niah=(niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multivalue niah_multiquery)
-for len in 16384 4096; do
-    run ruler "$len" none 0
-    for div in 1 4 0; do run ruler "$len" star "$div"; done
+ruler_at() {  # global attention, then star at anchor = block, block/4, 0
+    run ruler "$1" none 0
+    for div in 1 4 0; do run ruler "$1" star "$div"; done
+}
+# Ordered so that a run cut short has the headline settings first; every eval resumes where its file stops,
+# and STAGES picks parts (e.g. STAGES="curve 8k") to spare the model loads of finished ones.
+for stage in ${STAGES:-16k 4k babilong curve 8k}; do
+    case $stage in
+        16k) ruler_at 16384 ;;
+        4k) ruler_at 4096 ;;
+        8k) ruler_at 8192 ;;
+        babilong) run babilong 16384 none 0; for div in 1 4 0; do run babilong 16384 star "$div"; done ;;
+        curve) for div in 2 8 16; do run ruler 16384 star "$div" "${niah[@]}"; done ;;
+        *) echo "unknown stage $stage (16k 4k 8k babilong curve)" >&2; exit 2 ;;
+    esac
 done
-for div in none 1 0 4; do
-    if [[ $div == none ]]; then run babilong 16384 none 0; else run babilong 16384 star "$div"; fi
-done
-for div in 2 8 16; do run ruler 16384 star "$div" "${niah[@]}"; done
 "$py" -m star_mcore eval-report "$out/ruler.jsonl" --out "$out/ruler.md"
 "$py" -m star_mcore eval-report "$out/babilong.jsonl" --out "$out/babilong.md"

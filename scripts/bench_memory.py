@@ -1,6 +1,9 @@
 """The memory planner against measured GPU memory: real engine runs (phase 1 + a few decode steps) of
 Llama-8B/70B-shaped models with random bf16 weights and a few layers, on one GPU (a CP=1 host; star with
-several blocks on the host), peak allocated bytes vs ``star-mcore plan``'s estimate.
+several blocks on the host), vs ``star-mcore plan``'s estimate. Each case starts from an empty cache
+(``torch.cuda.empty_cache``), so its figures are those of a fresh process: peak allocated (tensors), peak
+reserved (the caching allocator's segments) and the device memory in use at the end (what nvidia-smi shows:
+reserved + the CUDA context).
 
     python scripts/bench_memory.py --out docs/bench/memory.json
 """
@@ -81,6 +84,7 @@ def main() -> None:
         qry = torch.randint(0, model.arch.vocab_size, (QUERY,), generator=g).to(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         engine.generate(ctx, qry)
@@ -90,8 +94,10 @@ def main() -> None:
                    plan_activations=est.activations, plan_total=est.total)
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
-            row.update(measured_weights=before, measured_peak=peak,
-                       measured_reserved=torch.cuda.max_memory_reserved(), ratio=round(peak / est.total, 3))
+            free, total = torch.cuda.mem_get_info()
+            row.update(measured_weights=before, measured_peak=peak, measured_reserved=torch.cuda.max_memory_reserved(),
+                       device_used=total - free, plan_over_allocated=round((est.total - est.overhead) / peak, 3),
+                       plan_over_device_used=round(est.total / (total - free), 3))
         rows.append(row)
         print({k: (round(v / 2**30, 3) if isinstance(v, int) and v > 2**20 else v) for k, v in row.items()}, flush=True)
     benchlib.write_json(args.out, {"hardware": benchlib.hardware(), "backend": args.backend,

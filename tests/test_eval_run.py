@@ -8,6 +8,7 @@ import json
 import pytest
 
 from star_mcore.eval.loop import read_done
+from star_mcore.eval.settings import complete_setting
 from star_mcore.inference.requests import ResultWriter
 from test_cli import CONFIG, ROOT, _env, free_port, star_mcore
 
@@ -66,7 +67,7 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_samples(first_run,
 
 def test_resume_reads_only_whole_lines_of_the_same_setting(tmp_path):
     path = tmp_path / "r.jsonl"
-    setting = {"mode": "star", "anchor_size": 64}
+    setting = complete_setting({"context_parallel_mode": "star", "anchor_size": 64})
     w = ResultWriter(str(path))
     w.write({"task": "vt", "length": 300, "sample": 0, "setting": setting})
     w.write({"task": "vt", "length": 300, "sample": 1, "setting": {**setting, "anchor_size": 0}})
@@ -79,6 +80,15 @@ def test_resume_reads_only_whole_lines_of_the_same_setting(tmp_path):
     w.close()
     assert read_done(str(path), setting) == {("vt", 300, 0), ("vt", 300, 2)}
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_results_written_before_a_setting_key_existed_count_as_its_default(tmp_path):
+    path = tmp_path / "r.jsonl"
+    current = complete_setting({"context_parallel_mode": "star", "anchor_size": 64})
+    old = {k: v for k, v in current.items() if k != "apply_chat_template"}  # a file from before the key
+    path.write_text(json.dumps({"task": "vt", "length": 300, "sample": 0, "setting": old}) + "\n")
+    assert read_done(str(path), current) == {("vt", 300, 0)}
+    assert read_done(str(path), {**current, "apply_chat_template": True}) == set()
 
 
 def test_eval_report_writes_a_table_and_a_plot(first_run, tmp_path):

@@ -47,3 +47,13 @@ def test_engine_reserves_each_hosts_share_of_the_context(mode, partition, n):
     assert sum(shares) == n
     if mode == "star" and partition == "uniform" and n == 1000:
         assert shares == [300, 300, 200, 200]  # contiguous blocks, the remainder spread from host 0
+
+
+def test_no_cache_outlives_its_request(gqa_ckpt):
+    """The model's attention step holds the request's KV cache: it is dropped after each request (also a
+    failed one), or the next request's phase 1 would run beside the last one's whole cache."""
+    from distributed import run_world
+    from workers import cache_freed_after_generate
+
+    for rank in run_world(2, cache_freed_after_generate, gqa_ckpt):
+        assert rank == [True, True, True]

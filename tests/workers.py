@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from star_mcore.inference.engine import Engine, EngineSettings
+from star_mcore.inference.engine import Engine, EngineSettings, NumericalError
 from star_mcore.inference.kv_cache import KVCache
 from star_mcore.inference.steps import EncodeSegment, QueryStep
 from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
@@ -123,3 +123,29 @@ def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: 
         ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vs.double()
         worst = max(worst, (out.double() - ref).abs().max().item())
     return worst
+
+
+def cache_freed_after_generate(ckpt: str) -> List[bool]:
+    """After each request, and after one that fails, no step (and so no KV cache) is kept by the model."""
+    import weakref
+
+    groups, model = _setup(ckpt, 1, 2)
+    eng = Engine(model, groups, EngineSettings(mode="star", block_size=8, anchor_size=4, tokens_to_generate=2))
+    seen = []
+    try:
+        eng.generate(torch.arange(20), torch.tensor([3, 4]))
+        seen.append(model.runtime.step is None)
+        with torch.no_grad():  # a NaN weight makes the request fail with NumericalError
+            model.gpt.decoder.layers[0].self_attention.linear_qkv.weight[0, 0] = float("nan")
+        try:
+            eng.generate(torch.arange(20), torch.tensor([3, 4]))
+        except NumericalError:
+            seen.append(model.runtime.step is None)
+        cache = KVCache(1)
+        ref = weakref.ref(cache)
+        model.runtime.step = EncodeSegment(math_attention, cache)
+        del cache
+        seen.append(ref() is not None)  # the check above is meaningful: a step does keep its cache alive
+    finally:
+        destroy_parallel()
+    return seen

@@ -8,7 +8,6 @@ resumes without redoing or losing samples.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Set, Tuple
 
@@ -20,26 +19,15 @@ from ..config import RunConfig
 from ..errors import ConfigError, RunError
 from ..inference.requests import ResultWriter, read_records
 from ..inference.runner import log, open_session, preflight
+from .settings import complete_setting, setting_of
 from .tasks import Task, select
 from .text import TooShort
 
 Key = Tuple[str, int, int]  # (task, length, sample index)
 
-# inference keys that do not change what is generated
-_NOT_SETTING = ("input_path", "output_path", "save_logits", "tokens_to_generate", "attention_backend")
-
-
-def setting_of(cfg: RunConfig) -> Dict[str, Any]:
-    """What makes a result: model, hosts, mode and its sizes (every other inference key too), seed, budget."""
-    inf = {k: v for k, v in dataclasses.asdict(cfg.inference).items() if k not in _NOT_SETTING}
-    return {"model": cfg.checkpoint.hf_path, "hosts": cfg.model.context_parallel_size,
-            "precision": cfg.model.precision, **inf, "seed": cfg.eval.seed,
-            "tokens_to_generate": cfg.eval.tokens_to_generate}
-
-
 def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
     """The samples ``path`` already holds for ``setting``; a line cut short by an interrupted run is ignored."""
-    return {(r["task"], r["length"], r["sample"]) for r in read_records(path) if r.get("setting") == setting}
+    return {(r["task"], r["length"], r["sample"]) for r in read_records(path) if complete_setting(r.get("setting") or {}) == setting}
 
 
 def _tasks_and_data(cfg: RunConfig, benchmark: str) -> Tuple[List[Task], Dict[str, Any], List[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import UserError
+from .settings import complete_setting
 from .tasks import TASKS
 
 _MODE_KEYS = ("context_parallel_mode", "hosts", "block_size", "anchor_size")
@@ -26,7 +27,7 @@ def load_records(paths: Sequence[str]) -> List[Dict[str, Any]]:
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interrupted run
                 if isinstance(rec, dict) and {"task", "length", "sample", "score", "setting"} <= rec.keys():
-                    records.append(rec)
+                    records.append({**rec, "setting": complete_setting(rec["setting"])})
     if not records:
         raise UserError(f"no eval results in {', '.join(paths)}")
     return records

@@ -135,11 +135,18 @@ class Engine:
         for layer in range(m.arch.num_layers):
             step(layer, empty(m.arch.num_heads), empty(m.arch.num_kv_heads), empty(m.arch.num_kv_heads), 1.0)
 
-    @torch.inference_mode()
     def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False,
                  tokens_to_generate: Optional[int] = None) -> Generation:
         """Greedy generation for one request. context_ids [L], query_ids [q] (int64, q >= 1);
         ``tokens_to_generate`` overrides the settings' budget for this request."""
+        try:
+            return self._generate(context_ids, query_ids, save_logits, tokens_to_generate)
+        finally:
+            self.model.runtime.step = None  # the last step holds this request's KV cache: free it now
+
+    @torch.inference_mode()
+    def _generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool,
+                  tokens_to_generate: Optional[int]) -> Generation:
         g, m, s = self.groups, self.model, self.s
         budget = tokens_to_generate or s.tokens_to_generate
         held = self.context_share(len(context_ids)) + (len(query_ids) + budget if g.is_query_host else 0)

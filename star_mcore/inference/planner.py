@@ -15,6 +15,7 @@ from ..ops.layout import ring_chunks, star_blocks
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 2 ** 30
+GPU_OVERHEAD = 2 * GiB  # measured: ~0.5 GiB CUDA context + cuBLAS/cuDNN workspaces + allocator rounding
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,16 @@ class Plan:
     kv_cache: int  # the fullest host's cache (the query host also holds the query and the generated tokens)
     activations: int  # the largest phase-1 forward (one block with its anchor, a ring host's tokens, ...)
     segment_tokens: int  # tokens of that forward
+    overhead: int = 0  # GPU: the CUDA context, kernel workspaces and the caching allocator's slack
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+        return self.weights + self.kv_cache + self.activations + self.overhead
 
     def table(self, capacity: int) -> str:
         rows = [("weights", self.weights), ("KV cache (fullest host)", self.kv_cache),
-                (f"phase-1 activations ({self.segment_tokens} tokens)", self.activations), ("total", self.total),
+                (f"phase-1 activations ({self.segment_tokens} tokens)", self.activations),
+                ("CUDA context, workspaces, allocator", self.overhead), ("total", self.total),
                 ("device memory", capacity)]
         return "\n".join(f"{name:40} {b / GiB:10.3f} GiB" for name, b in rows)
 
@@ -69,11 +72,13 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> P
     b = DTYPE_BYTES[prec]
     h, i = arch.hidden_size, arch.intermediate_size // tp
     qkv = (arch.num_heads + 2 * arch.num_kv_heads) // tp * arch.head_dim
-    # hidden-state copies (residual, norm, attention out) + SwiGLU's fc1 output and product + q, k, v
-    act_per_token = (4 * h + 3 * i + 2 * qkv) * b
+    # Hidden-state copies (embedding output, layer input, residual, norm) + SwiGLU's fc1 output (2i), its silu
+    # and product + q, k, v before and after RoPE; fitted to measured peaks (docs/performance.md, +-5%).
+    act_per_token = (4 * h + 4 * i + 2 * qkv) * b
     ring_buffers = 2 * per_token_kv // arch.num_layers * segment if inf.context_parallel_mode == "ring" else 0
     activations = segment * act_per_token + anchor_kv * per_token_kv + ring_buffers
-    return Plan(weight_bytes(arch, tp, prec), kv, activations, segment)
+    overhead = GPU_OVERHEAD if cfg.trainer.accelerator == "gpu" else 0
+    return Plan(weight_bytes(arch, tp, prec), kv, activations, segment, overhead)
 
 
 def device_capacity(cfg: RunConfig) -> int:
