@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from star_mcore.ops.attention import BACKENDS, CUDA_ONLY, attend  # noqa: E402
+from star_mcore.ops.attention import BACKENDS, attend, resolve_backend  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +36,11 @@ def main() -> None:
     gpu = benchlib.hardware().get("gpu", "cpu")
     peak = next((v for k, v in benchlib.BF16_PEAK_TFLOPS.items() if k in gpu), None)
     results = {"hardware": benchlib.hardware(), "bf16_peak_tflops": peak, "rows": []}
-    for name, fn in BACKENDS.items():
-        if name in CUDA_ONLY and dev.type != "cuda":
+    for name in BACKENDS:
+        try:
+            fn = resolve_backend(name, dev, dtype)
+        except ValueError as e:  # not on this device, or its library is not installed
+            print(f"{name:15} skipped: {e}", flush=True)
             continue
         for b in map(int, args.blocks.split(",")):
             if name == "math" and b > 16384:

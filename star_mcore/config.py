@@ -17,7 +17,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("cpu", "gpu")
 ANCHOR_MODES = ("shared", "recompute")
 PARTITIONS = ("uniform", "balanced")
-ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn2", "flash_attn3",
+                      "flash_attn4", "te")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class InferenceConfig:
     output_path: str = ""  # generate: JSONL, one line per request, in input order
     save_logits: bool = False  # add the first generated token's full-vocabulary logits to each output
     apply_chat_template: bool = False  # text requests: wrap context + query in the tokenizer's chat template
-    attention_backend: str = "auto"  # auto | math | sdpa_flash | sdpa_efficient | sdpa_cudnn
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; the last four need their library installed
 
 
 @dataclass

@@ -18,6 +18,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .external_kernels import (LIBRARIES, flash_attn2_attention, flash_attn3_attention, flash_attn4_attention,
+                               require_library, te_fused_attention)
 from .merge import merge_partials
 
 Tensor = torch.Tensor
@@ -103,16 +105,40 @@ BACKENDS: Dict[str, AttnFn] = {
     "sdpa_flash": sdpa_flash_attention,
     "sdpa_efficient": sdpa_efficient_attention,
     "sdpa_cudnn": sdpa_cudnn_attention,
+    "flash_attn2": flash_attn2_attention,
+    "flash_attn3": flash_attn3_attention,
+    "flash_attn4": flash_attn4_attention,
+    "te": te_fused_attention,
 }
-CUDA_ONLY = {"sdpa_efficient", "sdpa_cudnn"}
+CUDA_ONLY = {"sdpa_efficient", "sdpa_cudnn", *LIBRARIES}
+HALF = (torch.float16, torch.bfloat16)
+
+# ``auto`` on CUDA in half precision: the first backend here whose library imports, on a GPU of one of its
+# compute capabilities, runs every call (phase-1 blocks and decode); if none does, auto_cuda_attention.
+AUTO_CUDA_PREFERENCE = [
+    ("flash_attn3", {(9, 0)}),
+]
+
+
+def _auto_cuda_half(device: torch.device) -> AttnFn:
+    capability = torch.cuda.get_device_capability(device)
+    for name, capabilities in AUTO_CUDA_PREFERENCE:
+        if capability in capabilities:
+            try:
+                require_library(name)
+            except ValueError:
+                continue
+            return BACKENDS[name]
+    return auto_cuda_attention
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttnFn:
-    """Pick a kernel by name; ``auto`` takes the fastest one known to work on this device."""
+    """Pick a kernel by name; ``auto`` takes the fastest one known to work on this device. A backend that
+    cannot run here (device, dtype, library not importable) is refused with one line (ValueError)."""
     if name == "auto":
         if device.type == "cuda":
-            if dtype in (torch.bfloat16, torch.float16):
-                return auto_cuda_attention
+            if dtype in HALF:
+                return _auto_cuda_half(device)
             name = "sdpa_efficient"
         else:
             name = "sdpa_flash"
@@ -120,6 +146,10 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Attn
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     if name in CUDA_ONLY and device.type != "cuda":
         raise ValueError(f"attention backend {name!r} needs a CUDA device")
+    if name in LIBRARIES:
+        if dtype not in HALF:
+            raise ValueError(f"attention backend {name!r} needs fp16 or bf16 (model.precision), got {dtype}")
+        require_library(name)
     return BACKENDS[name]
 
 
