@@ -11,6 +11,7 @@ reserved + the CUDA context).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def main() -> None:
     groups = benchlib.setup(benchlib.device_kind(args.device))
     dev = groups.device
     cases = SMOKE if args.smoke else CASES
+    # Device memory in use before any tensor: the CUDA context and the process groups' buffers.
+    baseline = (lambda f, t: t - f)(*torch.cuda.mem_get_info()) if dev.type == "cuda" else 0
     rows, built = [], None
     for shape, layers, n, mode, block, anchor, anchor_mode in cases:
         if built is None or built[0] != (shape, layers):
@@ -100,7 +103,8 @@ def main() -> None:
                        plan_over_device_used=round(est.total / (total - free), 3))
         rows.append(row)
         print({k: (round(v / 2**30, 3) if isinstance(v, int) and v > 2**20 else v) for k, v in row.items()}, flush=True)
-    benchlib.write_json(args.out, {"hardware": benchlib.hardware(), "backend": args.backend,
+    benchlib.write_json(args.out, {"hardware": benchlib.hardware(), "backend": args.backend, "baseline_used": baseline,
+                                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                                    "query_tokens": QUERY, "new_tokens": NEW, "rows": rows})
 
 
