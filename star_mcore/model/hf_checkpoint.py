@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -36,6 +36,9 @@ class SafetensorsReader:
         self.path = path
         self.weight_map = weight_map
         self._handles: Dict[str, object] = {}
+        self._unread: Dict[str, Set[str]] = {}
+        for name, fname in weight_map.items():
+            self._unread.setdefault(fname, set()).add(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -50,7 +53,14 @@ class SafetensorsReader:
         sl = self._handles[fname].get_slice(name)
         r = slice(*rows) if rows else slice(None)
         c = slice(*cols) if cols else slice(None)
-        return sl[r, c] if len(sl.get_shape()) == 2 else sl[r]
+        out = sl[r, c] if len(sl.get_shape()) == 2 else sl[r]
+        # Once every tensor of a file has been read, let its mapping go with the last slice taken from it:
+        # the pages this rank touched stay mapped one file at a time, not for the whole checkpoint.
+        unread = self._unread[fname]
+        unread.discard(name)
+        if not unread:
+            del self._handles[fname]
+        return out
 
 
 def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
@@ -91,10 +101,8 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
             copy(dst[:n], reader.read(src, rows=(r0, r0 + n)), name)
         dst[n:].zero_()
 
+    # In checkpoint order (embedding, layers, final norm, head), so that each file is done with in turn.
     put_vocab_rows("embedding.word_embeddings.weight", "model.embed_tokens.weight")
-    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
-    put_vocab_rows("output_layer.weight", head)
-    put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
 
     hd, ng = a.head_dim, a.num_kv_heads
     qpg = a.num_heads // ng  # query heads per KV group
@@ -114,6 +122,7 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
         copy(qkv[:, qpg * hd: (qpg + 1) * hd], k.reshape(n, hd, -1), name)
         v = reader.read(src + "self_attn.v_proj.weight", rows=(g0 * hd, g1 * hd))
         copy(qkv[:, (qpg + 1) * hd:], v.reshape(n, hd, -1), name)
+        del q, k, v  # a live slice keeps its whole file mapped
         put(dst + "self_attention.linear_proj.weight", reader.read(src + "self_attn.o_proj.weight", cols=(c0, c1)))
         # SwiGLU fc1 is [gate; up] on every TP rank.
         name = dst + "mlp.linear_fc1.weight"
@@ -121,6 +130,10 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
         copy(fc1[: f1 - f0], reader.read(src + "mlp.gate_proj.weight", rows=(f0, f1)), name)
         copy(fc1[f1 - f0:], reader.read(src + "mlp.up_proj.weight", rows=(f0, f1)), name)
         put(dst + "mlp.linear_fc2.weight", reader.read(src + "mlp.down_proj.weight", cols=(f0, f1)))
+
+    put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
+    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
+    put_vocab_rows("output_layer.weight", head)
 
     missing = sorted(set(params) - set(loaded))
     if missing:
