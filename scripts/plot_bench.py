@@ -84,9 +84,41 @@ def decode(bench: Path) -> None:
     fig.savefig(bench / "decode.png", dpi=110)
 
 
+def load_memory(bench: Path) -> None:
+    d = json.loads((bench / "load_memory.json").read_text())
+    names = list(d["checkpoints"])
+    fig, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [len([r for r in d["rows"] if r["checkpoint"] == n]) for n in names]})
+    mib = 2**20
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in d["rows"] if r["checkpoint"] == name]
+        info = d["checkpoints"][name]
+        xs = range(len(rows))
+        anon = [r["peak_over_baseline"]["RssAnon"] / mib for r in rows]
+        file = [r["peak_over_baseline"]["RssFile"] / mib for r in rows]
+        ax.bar([x - 0.2 for x in xs], anon, 0.4, label="peak anonymous RSS over baseline")
+        ax.bar([x + 0.2 for x in xs], file, 0.4, label="peak file-backed RSS over baseline")
+        for x, r in zip(xs, rows):
+            ax.plot([x - 0.45, x + 0.45], [r["rank_weight_bytes"] / mib] * 2, "k-", lw=2,
+                    label="this rank's weights (bf16)" if x == 0 else None)
+        ax.axhline(info["file_bytes"] / mib, color="gray", ls="--", lw=1, label="whole checkpoint")
+        method = {"star_mcore": "", "naive_load_file": "\nnaive\nload_file", "naive_read_bytes": "\nnaive\nread_bytes"}
+        ax.set_xticks(list(xs), [(f"TP{r['tp']}" + (f"xCP{r['cp']}" if r["cp"] > 1 else "")) + f" r{r['rank']}"
+                                 + method[r["method"]] for r in rows], fontsize=8)
+        ax.set_ylim(0, 1.4 * max(anon + file + [info["file_bytes"] / mib]))
+        ax.set_ylabel("MiB")
+        ax.set_title(f"{name}: {info['params'] / 1e6:.1f}M params, {'/'.join(info['dtypes'])}, "
+                     f"{len(info['files'])} file(s), {info['file_bytes'] / mib:.1f} MiB", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.suptitle("host memory per rank while load_hf_llama fills a bf16 StarLlama (CPU, gloo)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(bench / "load_memory.png", dpi=110)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
     phase1(out)
     kernels(out)
     decode(out)
-    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png")
+    load_memory(out)
+    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, load_memory.png")

@@ -4,6 +4,7 @@ checkpoints with an index, TP-sharded loading."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from distributed import run_world
 from hf_reference import load_hf
 from star_mcore.model.tiny import make_tiny_llama
-from workers import battery
+from workers import battery, load_footprint, mapped_files_during_load
 
 IDS = torch.randint(0, 101, (300,), generator=torch.Generator().manual_seed(2)).tolist()
 ROPES = {
@@ -54,3 +55,38 @@ def test_sharded_checkpoint_loads_tp_sharded(gqa_ckpt, tmp_path):
     ref = _hf_logits(gqa_ckpt)
     for r in ranks:  # both TP ranks hold the gathered, full-vocabulary logits
         assert (torch.tensor(r["full_logits"]) - ref).abs().max().item() <= 1e-4
+
+
+def test_tp_ranks_read_only_their_slices_straight_into_the_parameters(gqa_ckpt):
+    """At TP=2 the ranks ask the checkpoint for their slices only (together: every tensor once, plus the
+    replicated norms once more) and copy them into the parameters in place, converting fp32 -> bf16 on the
+    way: no op allocates tensor memory during the load (no concatenated QKV / [gate; up], no padded vocab
+    copy, no converted copy)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(gqa_ckpt) / "model.safetensors"), framework="pt") as f:
+        numel = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    ranks = run_world(2, load_footprint, gqa_ckpt, 2)
+    replicated = sum(n for k, n in numel.items() if "norm" in k)
+    assert sum(n for r in ranks for _, n in r["requested"]) == sum(numel.values()) + replicated
+    for r in ranks:
+        assert r["allocating_ops"] == []
+
+
+def test_each_checkpoint_file_is_unmapped_once_read(gqa_ckpt, tmp_path):
+    """Over four shard files (embedding / layer 0 / layer 1 / final norm + head) the loader maps one file
+    at a time: a file's mapping goes once its tensors have been read, not at the end of the load."""
+    src = Path(gqa_ckpt)
+    w = load_file(str(src / "model.safetensors"))
+    parts = [[k for k in w if k.startswith("model.embed")], [k for k in w if ".layers.0." in k],
+             [k for k in w if ".layers.1." in k], ["model.norm.weight", "lm_head.weight"]]
+    assert sorted(sum(parts, [])) == sorted(w)
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fn = f"model-0000{i + 1}-of-00004.safetensors"
+        save_file({k: w[k] for k in part}, str(tmp_path / fn), metadata={"format": "pt"})
+        weight_map.update({k: fn for k in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    seen = run_world(1, mapped_files_during_load, str(tmp_path))[0]
+    assert max(seen["during"]) == 1 and seen["after"] == 0, seen

@@ -23,6 +23,62 @@ def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32", accelerator: st
     return groups, model
 
 
+def load_footprint(ckpt: str, tp: int) -> dict:
+    """A bf16 load watched twice: the elements of every slice the loader asked the checkpoint for, and the
+    ops that allocated tensor memory during the load (torch profiler; mapping the files is not an op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from star_mcore.model import hf_checkpoint
+
+    device = init_process_group("cpu", 120)
+    groups = initialize_parallel(tp, 1, device, 120)
+    try:
+        model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, "bf16")
+        requested: List[list] = []
+        read = hf_checkpoint.SafetensorsReader.read
+
+        def spy(self, name, rows=None, cols=None):
+            t = read(self, name, rows=rows, cols=cols)
+            requested.append([name, t.numel()])
+            return t
+
+        hf_checkpoint.SafetensorsReader.read = spy
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            load_hf_llama(model, ckpt, groups.tp_rank, tp)
+        allocating = sorted({e.name for e in prof.events() if e.cpu_memory_usage > 0 and e.name != "[memory]"})
+        return {"requested": requested, "allocating_ops": allocating}
+    finally:
+        destroy_parallel()
+
+
+def mapped_files_during_load(ckpt: str) -> dict:
+    """A TP=1 load with every slice request watched: how many checkpoint files this process has mapped
+    (/proc/self/maps) right after each request, and after the load."""
+    from star_mcore.model import hf_checkpoint
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return len({line.split()[-1] for line in f if line.rstrip().endswith(".safetensors")})
+
+    device = init_process_group("cpu", 120)
+    groups = initialize_parallel(1, 1, device, 120)
+    try:
+        model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, "fp32")
+        counts: List[int] = []
+        read = hf_checkpoint.SafetensorsReader.read
+
+        def spy(self, name, rows=None, cols=None):
+            t = read(self, name, rows=rows, cols=cols)
+            counts.append(mapped())
+            return t
+
+        hf_checkpoint.SafetensorsReader.read = spy
+        load_hf_llama(model, ckpt, 0, 1)
+        return {"during": counts, "after": mapped()}
+    finally:
+        destroy_parallel()
+
+
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
             kv_pairs: List[dict] = (), accelerator: str = "cpu") -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -36,6 +36,9 @@ class SafetensorsReader:
         self.path = path
         self.weight_map = weight_map
         self._handles: Dict[str, object] = {}
+        self._unread: Dict[str, Set[str]] = {}
+        for name, fname in weight_map.items():
+            self._unread.setdefault(fname, set()).add(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -50,7 +53,14 @@ class SafetensorsReader:
         sl = self._handles[fname].get_slice(name)
         r = slice(*rows) if rows else slice(None)
         c = slice(*cols) if cols else slice(None)
-        return sl[r, c] if len(sl.get_shape()) == 2 else sl[r]
+        out = sl[r, c] if len(sl.get_shape()) == 2 else sl[r]
+        # Once every tensor of a file has been read, let its mapping go with the last slice taken from it:
+        # the pages this rank touched stay mapped one file at a time, not for the whole checkpoint.
+        unread = self._unread[fname]
+        unread.discard(name)
+        if not unread:
+            del self._handles[fname]
+        return out
 
 
 def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
@@ -58,35 +68,41 @@ def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
     return tp_rank * per, (tp_rank + 1) * per
 
 
+@torch.no_grad()
 def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> None:
-    """Copy the checkpoint's weights into ``model`` (this TP rank's shards), converting to its dtype."""
+    """Copy the checkpoint's weights into ``model`` (this TP rank's shards), converting to its dtype.
+
+    Every slice is copied straight from the memory-mapped file into its place in the parameter (fused QKV,
+    [gate; up], padded vocabulary rows), converting dtype on the way: the load allocates no tensors of its own.
+    """
     a = model.arch
     reader = SafetensorsReader(path)
     params = dict(model.gpt.named_parameters())
     loaded: List[str] = []
 
-    def put(name: str, value: Tensor) -> None:
-        p = params[name]
-        if p.shape != value.shape:
-            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, model expects {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(value.to(p.dtype))
+    def target(name: str) -> Tensor:
         loaded.append(name)
+        return params[name].detach()
 
-    def vocab_rows(name: str) -> Tensor:
-        # Pad the vocabulary to the model's (TP-divisible) size with zero rows.
-        n_pad = params["embedding.word_embeddings.weight"].shape[0] * tp
-        r0, r1 = _shard(n_pad, tp_rank, tp)
-        got = reader.read(name, rows=(r0, min(r1, a.vocab_size))) if r0 < a.vocab_size else None
-        out = torch.zeros(r1 - r0, a.hidden_size, dtype=got.dtype if got is not None else torch.float32)
-        if got is not None:
-            out[: got.shape[0]] = got
-        return out
+    def copy(dst: Tensor, value: Tensor, name: str) -> None:
+        if dst.shape != value.shape:
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, model expects {tuple(dst.shape)}")
+        dst.copy_(value)
 
-    put("embedding.word_embeddings.weight", vocab_rows("model.embed_tokens.weight"))
-    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
-    put("output_layer.weight", vocab_rows(head))
-    put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
+    def put(name: str, value: Tensor) -> None:
+        copy(target(name), value, name)
+
+    def put_vocab_rows(name: str, src: str) -> None:
+        # This rank's rows of the vocabulary, padded to the model's (TP-divisible) size with zero rows.
+        dst = target(name)
+        r0 = tp_rank * dst.shape[0]
+        n = max(0, min(dst.shape[0], a.vocab_size - r0))
+        if n:
+            copy(dst[:n], reader.read(src, rows=(r0, r0 + n)), name)
+        dst[n:].zero_()
+
+    # In checkpoint order (embedding, layers, final norm, head), so that each file is done with in turn.
+    put_vocab_rows("embedding.word_embeddings.weight", "model.embed_tokens.weight")
 
     hd, ng = a.head_dim, a.num_kv_heads
     qpg = a.num_heads // ng  # query heads per KV group
@@ -98,18 +114,26 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
         put(dst + "input_layernorm.weight", reader.read(src + "input_layernorm.weight"))
         put(dst + "pre_mlp_layernorm.weight", reader.read(src + "post_attention_layernorm.weight"))
         # mcore's fused QKV is grouped: for each KV group, its query heads, then its K head, then its V head.
+        name, n = dst + "self_attention.linear_qkv.weight", g1 - g0
+        qkv = target(name).view(n, (qpg + 2) * hd, -1)
         q = reader.read(src + "self_attn.q_proj.weight", rows=(g0 * qpg * hd, g1 * qpg * hd))
+        copy(qkv[:, : qpg * hd], q.reshape(n, qpg * hd, -1), name)
         k = reader.read(src + "self_attn.k_proj.weight", rows=(g0 * hd, g1 * hd))
+        copy(qkv[:, qpg * hd: (qpg + 1) * hd], k.reshape(n, hd, -1), name)
         v = reader.read(src + "self_attn.v_proj.weight", rows=(g0 * hd, g1 * hd))
-        n = g1 - g0
-        qkv = torch.cat([q.reshape(n, qpg * hd, -1), k.reshape(n, hd, -1), v.reshape(n, hd, -1)], dim=1)
-        put(dst + "self_attention.linear_qkv.weight", qkv.reshape(n * (qpg + 2) * hd, -1))
+        copy(qkv[:, (qpg + 1) * hd:], v.reshape(n, hd, -1), name)
+        del q, k, v  # a live slice keeps its whole file mapped
         put(dst + "self_attention.linear_proj.weight", reader.read(src + "self_attn.o_proj.weight", cols=(c0, c1)))
         # SwiGLU fc1 is [gate; up] on every TP rank.
-        gate = reader.read(src + "mlp.gate_proj.weight", rows=(f0, f1))
-        up = reader.read(src + "mlp.up_proj.weight", rows=(f0, f1))
-        put(dst + "mlp.linear_fc1.weight", torch.cat([gate, up], dim=0))
+        name = dst + "mlp.linear_fc1.weight"
+        fc1 = target(name)
+        copy(fc1[: f1 - f0], reader.read(src + "mlp.gate_proj.weight", rows=(f0, f1)), name)
+        copy(fc1[f1 - f0:], reader.read(src + "mlp.up_proj.weight", rows=(f0, f1)), name)
         put(dst + "mlp.linear_fc2.weight", reader.read(src + "mlp.down_proj.weight", cols=(f0, f1)))
+
+    put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
+    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
+    put_vocab_rows("output_layer.weight", head)
 
     missing = sorted(set(params) - set(loaded))
     if missing:
