@@ -200,6 +200,13 @@ def test_external_backends_need_cuda_and_half(name):
         resolve_backend(name, CUDA, torch.float32)
 
 
+def test_a_flash_attn_package_without_fa2_is_refused(monkeypatch):
+    """flash-attn-4 alone installs `flash_attn` (only its `cute` subpackage): that is not FlashAttention-2."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    with pytest.raises(ValueError, match="needs flash_attn.flash_attn_func .* the module here has none"):
+        resolve_backend("flash_attn2", CUDA, torch.bfloat16)
+
+
 def test_versions_without_the_lse_call_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn.cute", _fa4_module(with_return_lse=False))
     with pytest.raises(ValueError, match="no return_lse"):
@@ -209,15 +216,31 @@ def test_versions_without_the_lse_call_are_refused(monkeypatch):
         resolve_backend("te", CUDA, torch.bfloat16)
 
 
-@pytest.mark.parametrize("capability,fa3,expected", [
-    ((9, 0), True, "flash_attn3"), ((9, 0), False, "today"), ((8, 0), True, "today"), ((10, 0), True, "today")])
-def test_auto_prefers_flash_attn3_on_hopper(monkeypatch, capability, fa3, expected):
+@pytest.mark.parametrize("capability,fa3,fa4,blocks,decode", [
+    ((9, 0), True, True, "flash_attn4", "flash_attn3"),
+    ((9, 0), True, False, "flash_attn3", "flash_attn3"),
+    ((9, 0), False, True, "flash_attn4", "sdpa_flash"),
+    ((9, 0), False, False, "sdpa_cudnn", "sdpa_flash"),
+    ((8, 0), True, True, "sdpa_cudnn", "sdpa_flash"),
+    ((10, 0), True, True, "sdpa_cudnn", "sdpa_flash")])
+def test_auto_takes_the_measured_fastest_importable_kernel_per_phase(monkeypatch, capability, fa3, fa4, blocks,
+                                                                     decode):
     monkeypatch.setitem(sys.modules, "flash_attn_interface", _fa3_module("main") if fa3 else None)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", _fa4_module() if fa4 else None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    want = BACKENDS["flash_attn3"] if expected == "flash_attn3" else attn_mod.auto_cuda_attention
     for dtype in (torch.bfloat16, torch.float16):
-        assert resolve_backend("auto", CUDA, dtype) is want
+        fn = resolve_backend("auto", CUDA, dtype)
+        assert (fn.blocks, fn.decode) == (BACKENDS[blocks], BACKENDS[decode])
     assert resolve_backend("auto", CUDA, torch.float32) is BACKENDS["sdpa_efficient"]
+
+
+def test_auto_sends_blocks_and_decode_to_their_kernels():
+    calls = []
+    fake = lambda tag: lambda q, k, v, causal, scale: calls.append((tag, q.shape[2])) or (q, q[..., 0])  # noqa: E731
+    fn = attn_mod.AutoCuda(blocks=fake("blocks"), decode=fake("decode"))
+    for sq in (1, 255, 256, 4096):
+        fn(torch.zeros(1, 1, sq, 2), None, None)
+    assert calls == [("decode", 1), ("decode", 255), ("blocks", 256), ("blocks", 4096)]
 
 
 def test_config_accepts_exactly_the_backends():

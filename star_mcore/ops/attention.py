@@ -14,6 +14,7 @@ calls and an LSE merge: see :func:`attend_prefix_causal`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -90,16 +91,6 @@ def sdpa_cudnn_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
     return res[0], lse.float()
 
 
-def auto_cuda_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                        scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """Half precision on CUDA: cuDNN for long query blocks (phase 1, the fastest measured), the flash kernel
-    for few queries (phase 2): cuDNN builds an execution plan per shape, and a decode step's KV length is new
-    at every step."""
-    if q.shape[2] >= 256:
-        return sdpa_cudnn_attention(q, k, v, causal=causal, scale=scale)
-    return sdpa_flash_attention(q, k, v, causal=causal, scale=scale)
-
-
 BACKENDS: Dict[str, AttnFn] = {
     "math": math_attention,
     "sdpa_flash": sdpa_flash_attention,
@@ -113,23 +104,46 @@ BACKENDS: Dict[str, AttnFn] = {
 CUDA_ONLY = {"sdpa_efficient", "sdpa_cudnn", *LIBRARIES}
 HALF = (torch.float16, torch.bfloat16)
 
-# ``auto`` on CUDA in half precision: the first backend here whose library imports, on a GPU of one of its
-# compute capabilities, runs every call (phase-1 blocks and decode); if none does, auto_cuda_attention.
-AUTO_CUDA_PREFERENCE = [
-    ("flash_attn3", {(9, 0)}),
-]
+@dataclass(frozen=True)
+class AutoCuda:
+    """``auto`` on CUDA in half precision: one kernel for long query blocks (phase 1; >= 256 rows once GQA is
+    folded), one for few queries (phase 2). Decode needs split-KV (few rows, a long cache) and a kernel
+    without per-shape planning: cuDNN builds an execution plan per shape, and a decode step's KV length is
+    new at every step."""
+
+    blocks: AttnFn
+    decode: AttnFn
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                 scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+        fn = self.blocks if q.shape[2] >= 256 else self.decode
+        return fn(q, k, v, causal=causal, scale=scale)
 
 
-def _auto_cuda_half(device: torch.device) -> AttnFn:
-    capability = torch.cuda.get_device_capability(device)
-    for name, capabilities in AUTO_CUDA_PREFERENCE:
-        if capability in capabilities:
+# Each list: the first backend whose library imports, on a GPU of one of the listed compute capabilities
+# (None: any), is taken. Measured on H100 (docs/performance.md): FA4 runs phase-1 blocks 5-20% faster than
+# cuDNN, but has no split-KV on SM90, so it is no decode kernel there; FA3 (FlashAttention's Hopper kernels,
+# with split-KV) is preferred by its published figures, not measured here.
+AUTO_BLOCKS = [("flash_attn4", {(9, 0)}), ("flash_attn3", {(9, 0)}), ("sdpa_cudnn", None)]
+AUTO_DECODE = [("flash_attn3", {(9, 0)}), ("sdpa_flash", None)]
+
+
+def _first_usable(preference, capability) -> AttnFn:
+    for name, capabilities in preference:
+        if capabilities is not None and capability not in capabilities:
+            continue
+        if name in LIBRARIES:
             try:
                 require_library(name)
             except ValueError:
                 continue
-            return BACKENDS[name]
-    return auto_cuda_attention
+        return BACKENDS[name]
+    raise AssertionError("the last entry of an auto preference list must be usable everywhere")
+
+
+def _auto_cuda_half(device: torch.device) -> AutoCuda:
+    capability = torch.cuda.get_device_capability(device)
+    return AutoCuda(_first_usable(AUTO_BLOCKS, capability), _first_usable(AUTO_DECODE, capability))
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttnFn:

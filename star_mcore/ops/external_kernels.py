@@ -70,10 +70,12 @@ def flash_attn4_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fal
                           scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """FlashAttention-4 (CuTe DSL, Hopper and Blackwell): ``flash_attn_func`` returns (out, lse); lse
     [b, h, sq] is computed only with ``return_lse=True`` when nothing needs a gradient. ``num_splits=0``:
-    the library's split-KV heuristic, as for FA3."""
+    the library's split-KV heuristic, as for FA3; except on Hopper, whose FA4 kernels have no split-KV (the
+    library asserts, seen on H100 with 4.0.0b36)."""
     fa4 = importlib.import_module("flash_attn.cute")
+    splits = 1 if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 else 0
     out, lse = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=scale, causal=causal,
-                                   num_splits=0, return_lse=True)
+                                   num_splits=splits, return_lse=True)
     return out.transpose(1, 2), lse
 
 
@@ -110,6 +112,9 @@ def require_library(name: str) -> None:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"attention backend {name!r} needs the module {module} ({dist}), "
                          f"which does not import here: {reason}") from None
+    call = "fused_attn_fwd" if name == "te" else "flash_attn_func"
+    if not hasattr(lib, call):  # e.g. flash-attn-4 alone installs a `flash_attn` package without FA2 in it
+        raise ValueError(f"attention backend {name!r} needs {module}.{call} ({dist}); the module here has none")
     if name == "flash_attn4" and not _accepts(lib.flash_attn_func, "return_lse"):
         raise ValueError(f"attention backend 'flash_attn4': {module}.flash_attn_func has no return_lse "
                          "(flash-attn-4 betas before Feb 2026); upgrade flash-attn-4")
