@@ -99,7 +99,8 @@ def main() -> None:
             peak = torch.cuda.max_memory_allocated()
             free, total = torch.cuda.mem_get_info()
             row.update(measured_weights=before, measured_peak=peak, measured_reserved=torch.cuda.max_memory_reserved(),
-                       device_used=total - free, plan_over_allocated=round((est.total - est.overhead) / peak, 3),
+                       device_used=total - free,
+                       plan_over_allocated=round((est.weights + est.kv_cache + est.activations) / peak, 3),
                        plan_over_device_used=round(est.total / (total - free), 3))
         rows.append(row)
         print({k: (round(v / 2**30, 3) if isinstance(v, int) and v > 2**20 else v) for k, v in row.items()}, flush=True)

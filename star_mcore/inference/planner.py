@@ -15,7 +15,7 @@ from ..ops.layout import ring_chunks, star_blocks
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 2 ** 30
-GPU_OVERHEAD = 2 * GiB  # measured: ~0.5 GiB CUDA context + cuBLAS/cuDNN workspaces + allocator rounding
+GPU_FIXED = 2 * GiB  # measured on H100: 0.6 GiB CUDA context + ~0.4 GiB per NCCL communicator in use
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Plan:
     kv_cache: int  # the fullest host's cache (the query host also holds the query and the generated tokens)
     activations: int  # the largest phase-1 forward (one block with its anchor, a ring host's tokens, ...)
     segment_tokens: int  # tokens of that forward
-    overhead: int = 0  # GPU: the CUDA context, kernel workspaces and the caching allocator's slack
+    overhead: int = 0  # GPU: the CUDA context, NCCL's buffers and the caching allocator's slack
 
     @property
     def total(self) -> int:
@@ -33,7 +33,7 @@ class Plan:
     def table(self, capacity: int) -> str:
         rows = [("weights", self.weights), ("KV cache (fullest host)", self.kv_cache),
                 (f"phase-1 activations ({self.segment_tokens} tokens)", self.activations),
-                ("CUDA context, workspaces, allocator", self.overhead), ("total", self.total),
+                ("CUDA context, NCCL, allocator slack", self.overhead), ("total", self.total),
                 ("device memory", capacity)]
         return "\n".join(f"{name:40} {b / GiB:10.3f} GiB" for name, b in rows)
 
@@ -77,7 +77,8 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> P
     act_per_token = (4 * h + 4 * i + 2 * qkv) * b
     ring_buffers = 2 * per_token_kv // arch.num_layers * segment if inf.context_parallel_mode == "ring" else 0
     activations = segment * act_per_token + anchor_kv * per_token_kv + ring_buffers
-    overhead = GPU_OVERHEAD if cfg.trainer.accelerator == "gpu" else 0
+    # GPU: CUDA context + NCCL communicators, and the allocator's slack, which grows with the forward's size
+    overhead = GPU_FIXED + activations // 3 if cfg.trainer.accelerator == "gpu" else 0
     return Plan(weight_bytes(arch, tp, prec), kv, activations, segment, overhead)
 
 

@@ -49,6 +49,10 @@ class ParallelGroups:
 def init_process_group(accelerator: str, timeout_s: float) -> torch.device:
     """Join the job torchrun/srun started (a single process needs no launcher). Returns this rank's device."""
     if accelerator == "gpu":
+        # Each request allocates a few huge tensors of new sizes: expandable segments keep the caching
+        # allocator from holding fragments (measured up to 12 GiB reserved beyond the peak; docs/performance.md).
+        # Set before this process's first CUDA allocation; a user's own setting wins.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -59,8 +63,9 @@ def init_process_group(accelerator: str, timeout_s: float) -> torch.device:
         os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        # No device_id: NCCL communicators are then made on a group's first collective, not for each of the
+        # dozen groups mcore creates (eagerly they held 7 GiB of every GPU, measured on H100).
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
