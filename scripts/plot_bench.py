@@ -115,10 +115,33 @@ def load_memory(bench: Path) -> None:
     fig.savefig(bench / "load_memory.png", dpi=110)
 
 
+def gpu_memory(bench: Path) -> None:
+    d = json.loads((bench / "memory.json").read_text())
+    rows, gib = d["rows"], 2**30
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
+    for off, key, label in ((-0.3, "measured_peak", "peak allocated (tensors)"),
+                            (-0.1, "device_used", "device memory in use (allocator + context)"),
+                            (0.1, None, "planner: weights + KV + activations"),
+                            (0.3, "plan_total", "planner total (+ context, NCCL, slack)")):
+        vals = [(r["plan_weights"] + r["plan_kv"] + r["plan_activations"] if key is None else r[key]) / gib for r in rows]
+        ax.bar([x + off for x in xs], vals, 0.2, label=label)
+    ax.set_xticks(list(xs), [f"{r['shape'].split('-')[-1]} x{r['layers']} layers\n{r['context'] // 1024}K {r['mode']}"
+                             + (f"\nb={r['block'] // 1024}K a={r['anchor'] // 1024}K\n{r['anchor_mode']}"
+                                if r["mode"] == "star" else "") for r in rows], fontsize=7)
+    ax.set_ylabel("GiB")
+    ax.legend(fontsize=8)
+    ax.set_title(f"per-GPU memory of one request vs the planner ({d['hardware'].get('gpu', '')}, bf16, "
+                 f"{d['alloc_conf'] or 'default allocator'})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(bench / "memory.png", dpi=110)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
     phase1(out)
     kernels(out)
     decode(out)
     load_memory(out)
-    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, load_memory.png")
+    gpu_memory(out)
+    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, load_memory.png, memory.png")
