@@ -117,6 +117,21 @@ def test_bad_runs_fail_with_one_clear_line(gqa_ckpt, requests_file, tmp_path, ar
     assert message in lines[0]
 
 
+def test_a_kernel_that_cannot_run_here_is_refused_before_loading(gqa_ckpt, requests_file, tmp_path):
+    """The backend is checked before any weight is read: here the weights are not even readable."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((Path(gqa_ckpt) / "config.json").read_text())
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    res = star_mcore("generate", "--config", CONFIG, f"checkpoint.hf_path={ckpt}", f"inference.input_path={requests_file}",
+                     f"inference.output_path={tmp_path / 'o.jsonl'}", "model.context_parallel_size=1",
+                     "inference.attention_backend=sdpa_cudnn")
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == ["star-mcore: error: inference.attention_backend=sdpa_cudnn: attention backend 'sdpa_cudnn' "
+                     "needs a CUDA device"], res.stderr
+
+
 def test_config_command_prints_the_resolved_config():
     res = star_mcore("config", "--config", CONFIG, "checkpoint.hf_path=/m", "inference.input_path=i",
                      "inference.output_path=o", "inference.context_parallel_mode=ring")

@@ -18,7 +18,8 @@ from ..config import RunConfig
 from ..errors import ConfigError, RunError, UserError
 from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
-from ..model.llama import StarLlama
+from ..model.llama import DTYPES, StarLlama
+from ..ops.attention import resolve_backend
 from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
@@ -48,6 +49,12 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
                        f"heads and {arch.num_kv_heads} KV heads")
     if launched and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+    if launched:  # a kernel that cannot run here is refused now, not after the weights are loaded
+        device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+        try:
+            resolve_backend(cfg.inference.attention_backend, device, DTYPES[cfg.model.precision])
+        except ValueError as e:
+            raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
     return arch
 
 
