@@ -4,6 +4,7 @@ an interrupted run resumed without redoing or losing samples, and `eval-report` 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,35 @@ def test_eval_report_writes_a_table_and_a_plot(first_run, tmp_path):
     assert "| star x2 a=b |" in md and "| niah_single_2 |" in md and "### 450 tokens" in md
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_eval_report_compares_means_only_over_the_same_tasks(tmp_path):
+    """A setting run on a subset of the tasks (the anchor curve on NIAH only) gets no mean next to the full ones;
+    the shared tasks get their own table, and the anchor curve and its global-attention line use them too."""
+    from star_mcore.eval.report import _anchor_curves, aggregate, load_records, markdown, summary, write_report
+
+    path = tmp_path / "r.jsonl"
+    scores = {("none", 0): {"niah_single_1": 1.0, "vt": 0.8}, ("star", 64): {"niah_single_1": 1.0, "vt": 0.4},
+              ("star", 32): {"niah_single_1": 0.5}, ("star", 0): {"niah_single_1": 1.0, "vt": 0.6}}
+    with open(path, "w") as f:
+        for (mode, anchor), tasks in scores.items():
+            setting = complete_setting({"context_parallel_mode": mode, "hosts": 4, "block_size": 64,
+                                        "anchor_size": anchor})
+            for task, score in tasks.items():
+                f.write(json.dumps({"benchmark": "ruler", "task": task, "length": 256, "sample": 0,
+                                    "score": score, "setting": setting}) + "\n")
+    s = summary(*aggregate(load_records([str(path)])))["ruler"]
+    assert s["overall"] == {("none", 256): 90.0, ("star x4 a=b", 256): 70.0, ("star x4 a=0", 256): 80.0}
+    assert s["common"] == {256: ["niah_single_1"]} and s["shared"][("star x4 a=b/2", 256)] == 50.0
+    md = markdown({"ruler": s}, [str(path)])
+    assert "| star x4 a=b/2 | – |" in md and "| star x4 a=b | 70.0 (78%) |" in md
+    assert "### Mean over the 1 tasks every setting ran at 256 tokens" in md and "| star x4 a=b/2 | 50.0 (50%) |" in md
+    assert "| *mean* | *90.0* | *70.0* | – | *80.0* |" in md
+    assert "| *mean of the 1 shared tasks* | *100.0* | *100.0* | *50.0* | *100.0* |" in md
+    curve = _anchor_curves(s)["star x4 @ 256"]
+    assert curve == dict(points=[(0.0, 100.0), (0.5, 50.0), (1.0, 100.0)], reference=100.0, tasks=1)
+    md_path, png_path = write_report([str(path)], str(tmp_path / "report.md"))
+    assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("args,message", [

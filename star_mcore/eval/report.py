@@ -106,7 +106,11 @@ def _mean(xs) -> float:
 
 
 def summary(cells, anchors) -> Dict[str, Dict[str, Any]]:
-    """Per benchmark: labels, lengths, tasks, per-cell means and the mean over tasks for each (label, length)."""
+    """Per benchmark: labels, lengths, tasks, per-cell means and the mean over tasks for each (label, length).
+
+    ``overall`` holds the mean over all the tasks run at that length, only for settings that ran all of them (a
+    mean over fewer tasks is not comparable with it). Where some setting ran a subset, ``shared`` holds every
+    setting's mean over the tasks all settings at that length ran (``common``), so those can be compared too."""
     names = list(TASKS)
     out: Dict[str, Dict[str, Any]] = {}
     for bench in sorted({c[0] for c in cells}):
@@ -116,16 +120,29 @@ def summary(cells, anchors) -> Dict[str, Dict[str, Any]]:
         tasks = sorted({k[2] for k in mine}, key=lambda t: (names.index(t) if t in names else len(names), t))
         score = {(lab, t, n): _mean(v.values()) for (_, lab, t, n), v in mine.items()}
         count = {(lab, t, n): len(v) for (_, lab, t, n), v in mine.items()}
-        overall = {}
-        for lab in labels:
-            for n in lengths:
-                vals = [score[(lab, t, n)] for t in tasks if (lab, t, n) in score]
-                if vals:
-                    overall[(lab, n)] = sum(vals) / len(vals)
+        ran = {(lab, n): [t for t in tasks if (lab, t, n) in score] for lab in labels for n in lengths}
+        ran = {k: v for k, v in ran.items() if v}
+        overall, shared, common = {}, {}, {}
+        for n in lengths:
+            at_n = [lab for lab in labels if (lab, n) in ran]
+            every = [t for t in tasks if any(t in ran[(lab, n)] for lab in at_n)]
+            for lab in at_n:
+                if ran[(lab, n)] == every:
+                    overall[(lab, n)] = sum(score[(lab, t, n)] for t in every) / len(every)
+            both = [t for t in every if all(t in ran[(lab, n)] for lab in at_n)]
+            if len(both) < len(every) and both:
+                common[n] = both
+                for lab in at_n:
+                    shared[(lab, n)] = sum(score[(lab, t, n)] for t in both) / len(both)
         reference = "none" if "none" in labels else next((lab for lab in labels if lab.startswith("ring")), None)
-        out[bench] = dict(labels=labels, lengths=lengths, tasks=tasks, score=score, count=count, overall=overall,
-                          reference=reference, anchors={lab: anchors[lab] for lab in labels if lab in anchors})
+        out[bench] = dict(labels=labels, lengths=lengths, tasks=tasks, score=score, count=count, ran=ran,
+                          overall=overall, shared=shared, common=common, reference=reference,
+                          anchors={lab: anchors[lab] for lab in labels if lab in anchors})
     return out
+
+
+def _with_share(v, r) -> str:
+    return "–" if v is None else f"{v:.1f} ({100 * v / r:.0f}%)" if r else f"{v:.1f}"
 
 
 def markdown(summ: Dict[str, Dict[str, Any]], sources: Sequence[str]) -> str:
@@ -140,29 +157,38 @@ def markdown(summ: Dict[str, Dict[str, Any]], sources: Sequence[str]) -> str:
                   "| setting | " + " | ".join(str(n) for n in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]
         for lab in labels:
-            cells = []
-            for n in lengths:
-                v = s["overall"].get((lab, n))
-                r = s["overall"].get((ref, n)) if ref else None
-                if v is None:
-                    cells.append("–")
-                elif r and lab != ref:
-                    cells.append(f"{v:.1f} ({100 * v / r:.0f}%)")
-                else:
-                    cells.append(f"{v:.1f}")
+            cells = [_with_share(s["overall"].get((lab, n)), s["overall"].get((ref, n)) if lab != ref else None)
+                     for n in lengths]
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
         lines.append("")
+        partial = [lab for lab in labels if any((lab, n) in s["ran"] and (lab, n) not in s["overall"]
+                                                for n in lengths)]
+        if partial:
+            lines += [f"`–`: not run, or run on only some of the tasks ({', '.join(partial)}); see below for the "
+                      "mean over the tasks every setting ran.", ""]
+        for n, both in s["common"].items():
+            lines += [f"### Mean over the {len(both)} tasks every setting ran at {n} tokens", "",
+                      f"Tasks: {', '.join(both)}.", "", f"| setting | {n} |", "|---|---:|"]
+            for lab in labels:
+                if (lab, n) in s["shared"]:
+                    r = s["shared"].get((ref, n)) if lab != ref else None
+                    lines.append(f"| {lab} | {_with_share(s['shared'][(lab, n)], r)} |")
+            lines.append("")
         for n in lengths:
-            present = [lab for lab in labels if (lab, n) in s["overall"]]
+            present = [lab for lab in labels if (lab, n) in s["ran"]]
             lines += [f"### {n} tokens", "", "| task | " + " | ".join(present) + " |",
                       "|---|" + "---:|" * len(present)]
             for t in s["tasks"]:
                 row = [f"{s['score'][(lab, t, n)]:.1f}" if (lab, t, n) in s["score"] else "–" for lab in present]
                 lines.append(f"| {t} | " + " | ".join(row) + " |")
             counts = [s["count"][k] for k in s["count"] if k[2] == n and k[0] in present]
-            lines += ["| *mean* | " + " | ".join(f"*{s['overall'][(lab, n)]:.1f}*" for lab in present) + " |", "",
-                      f"Samples per cell: {min(counts)}" + (f"–{max(counts)}" if max(counts) != min(counts) else ""),
-                      ""]
+            mean_row = [f"*{s['overall'][(lab, n)]:.1f}*" if (lab, n) in s["overall"] else "–" for lab in present]
+            lines.append("| *mean* | " + " | ".join(mean_row) + " |")
+            if n in s["common"]:
+                lines.append(f"| *mean of the {len(s['common'][n])} shared tasks* | " +
+                             " | ".join(f"*{s['shared'][(lab, n)]:.1f}*" for lab in present) + " |")
+            lines += ["", f"Samples per cell: {min(counts)}" +
+                      (f"–{max(counts)}" if max(counts) != min(counts) else ""), ""]
     return "\n".join(lines)
 
 
@@ -175,37 +201,48 @@ def plot(summ: Dict[str, Dict[str, Any]], path: str) -> None:
     rows = len(summ)
     fig, axes = plt.subplots(rows, 3, figsize=(18, 4.8 * rows), squeeze=False)
     for row, (bench, s) in enumerate(summ.items()):
+        color = {lab: f"C{i % 10}" for i, lab in enumerate(s["labels"])}
         ax = axes[row][0]
         for lab in s["labels"]:
             xs = [n for n in s["lengths"] if (lab, n) in s["overall"]]
-            ax.plot(xs, [s["overall"][(lab, n)] for n in xs], marker="o", label=lab)
+            if xs:
+                ax.plot(xs, [s["overall"][(lab, n)] for n in xs], marker="o", label=lab, color=color[lab])
         ax.set_xscale("log", base=2)
         ax.set_xticks(s["lengths"], [str(n) for n in s["lengths"]])
-        ax.set(title=f"{bench}: mean over tasks", xlabel="prompt tokens", ylabel="score (%)", ylim=(-3, 103))
+        ax.set(title=f"{bench}: mean over tasks (settings that ran them all)", xlabel="prompt tokens",
+               ylabel="score (%)", ylim=(-3, 103))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
         ax = axes[row][1]
         n = max(s["lengths"])
-        labs = [lab for lab in s["labels"] if (lab, n) in s["overall"]]
+        labs = [lab for lab in s["labels"] if (lab, n) in s["ran"]]
         width = 0.8 / max(1, len(labs))
         for j, lab in enumerate(labs):
-            ys = [s["score"].get((lab, t, n), 0.0) for t in s["tasks"]]
-            ax.bar([i + j * width for i in range(len(s["tasks"]))], ys, width, label=lab)
+            ys = [s["score"].get((lab, t, n), float("nan")) for t in s["tasks"]]  # not run: no bar
+            ax.bar([i + j * width for i in range(len(s["tasks"]))], ys, width, label=lab, color=color[lab])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(s["tasks"]))], s["tasks"], rotation=45, ha="right",
                       fontsize=8)
-        ax.set(title=f"{bench}: by task at {n} tokens", ylabel="score (%)", ylim=(0, 103))
+        ncol = max(1, min(4, len(labs)))
+        legend_rows = -(-len(labs) // ncol) if len(labs) > 1 else 0
+        ax.set(title=f"{bench}: by task at {n} tokens", ylabel="score (%)", ylim=(0, 103 + 9 * legend_rows))
+        ax.set_yticks(range(0, 101, 20))
         ax.grid(alpha=0.3, axis="y")
+        if legend_rows:  # above the 100% line, clear of the bars
+            ax.legend(fontsize=7, ncol=ncol, loc="upper center")
 
         ax = axes[row][2]
         curves = _anchor_curves(s)
-        for name, pts in curves.items():
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} tokens")
-            n = int(name.rsplit(" ", 1)[1])
-            if (s["reference"], n) in s["overall"]:
-                ax.axhline(s["overall"][(s["reference"], n)], ls=":", lw=1.2, color=line.get_color())
-        ax.set(title=f"{bench}: star by anchor size (dotted: global attention)", xlabel="anchor / block",
-               ylabel="score (%)", ylim=(-3, 103))
+        fracs = sorted({p[0] for c in curves.values() for p in c["points"]})
+        for i, (name, c) in enumerate(curves.items()):  # colours apart from the settings' in the other panels
+            col = plt.cm.viridis(0.85 * i / max(1, len(curves) - 1))
+            ax.plot([fracs.index(p[0]) for p in c["points"]], [p[1] for p in c["points"]], marker="s", color=col,
+                    label=f"{name} tokens, {c['tasks']} tasks")
+            if c["reference"] is not None:
+                ax.axhline(c["reference"], ls=":", lw=1.2, color=col)
+        ax.set_xticks(range(len(fracs)), [_fraction(f) for f in fracs])
+        ax.set(title=f"{bench}: star by anchor size (dotted: global attention, same tasks)",
+               xlabel="anchor size (b = block)", ylabel="score (%)", ylim=(-3, 103))
         ax.grid(alpha=0.3)
         if curves:
             ax.legend(fontsize=8)
@@ -216,14 +253,36 @@ def plot(summ: Dict[str, Dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def _anchor_curves(s: Dict[str, Any]) -> Dict[str, List[Tuple[float, float]]]:
-    """"star x4 @ 8192" -> [(anchor / block, mean score)], for star runs that differ only in the anchor."""
-    groups: Dict[str, List[Tuple[float, float]]] = defaultdict(list)
-    for lab, (group, frac) in s["anchors"].items():
+def _fraction(frac: float) -> str:
+    if frac == 0:
+        return "0"
+    if frac == 1:
+        return "b"
+    return f"b/{round(1 / frac)}" if abs(1 / frac - round(1 / frac)) < 1e-9 else f"{frac:.3g}b"
+
+
+def _anchor_curves(s: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """"star x4 @ 8192" -> {points: [(anchor / block, mean score)], reference, tasks}, for star runs that differ
+    only in the anchor: each point and the reference (global attention) are means over the same tasks, those
+    that every point of the curve ran."""
+    groups: Dict[str, List[str]] = defaultdict(list)
+    for lab, (group, _) in s["anchors"].items():
         for n in s["lengths"]:
-            if (lab, n) in s["overall"]:
-                groups[f"{group} @ {n}"].append((frac, s["overall"][(lab, n)]))
-    return {g: sorted(pts) for g, pts in groups.items() if len(pts) >= 2}
+            if (lab, n) in s["ran"]:
+                groups[(group, n)].append(lab)
+    curves = {}
+    for (group, n), labs in groups.items():
+        if len(labs) < 2:
+            continue
+        tasks = [t for t in s["tasks"] if all((lab, t, n) in s["score"] for lab in labs)]
+        if not tasks:
+            continue
+        mean = lambda lab: sum(s["score"][(lab, t, n)] for t in tasks) / len(tasks)  # noqa: E731
+        ref = s["reference"]
+        has_ref = ref is not None and all((ref, t, n) in s["score"] for t in tasks)
+        curves[f"{group} @ {n}"] = dict(points=sorted((s["anchors"][lab][1], mean(lab)) for lab in labs),
+                                        reference=mean(ref) if has_ref else None, tasks=len(tasks))
+    return curves
 
 
 def write_report(paths: Sequence[str], out: str) -> List[str]:
