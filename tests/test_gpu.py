@@ -86,3 +86,20 @@ def test_engine_on_gpu_matches_hf(gqa_ckpt):
     for m in ("none", "ring", "star"):
         assert res[m]["tokens"] == tokens
         assert (torch.tensor(res[m]["logits"]) - logits).abs().max().item() <= 1e-4
+
+
+def test_engine_bf16_auto_matches_hf(gqa_ckpt):
+    """bf16 with `auto` on a context long enough for the block kernel (FA4, FA3 or cuDNN: whichever auto takes
+    here) and decode steps on the few-query kernel: none and one-block star stay within bf16 rounding of HF."""
+    from distributed import run_world
+    from hf_reference import global_generate
+    from workers import battery
+
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randint(0, 101, (480,), generator=g).tolist()  # >= 256 rows: the block kernel; < 512 positions
+    qry = torch.randint(0, 101, (4,), generator=g).tolist()
+    cases = [dict(name=m, mode=m, block=512, anchor=0, ctx=ctx, qry=qry, n=4) for m in ("none", "star")]
+    res = run_world(1, battery, gqa_ckpt, 1, 1, cases, (), None, "auto", "bf16", (), "gpu")[0]["cases"]
+    _, logits = global_generate(gqa_ckpt, ctx, qry, 4)
+    for m in ("none", "star"):
+        assert (torch.tensor(res[m]["logits"]) - logits).abs().max().item() < 0.15
