@@ -40,11 +40,13 @@ def setup(device_kind: str) -> ParallelGroups:
     return initialize_parallel(1, 1, device, 600)
 
 
-def layer_model(shape: str, groups: ParallelGroups, precision: str = "bf16", seed: int = 0) -> StarLlama:
-    """One decoder layer of ``shape`` with random weights (per-layer figures scale with the layer count)."""
+def layer_model(shape: str, groups: ParallelGroups, precision: str = "bf16", seed: int = 0, layers: int = 1,
+                vocab: int = 32000) -> StarLlama:
+    """``layers`` decoder layers (default one: per-layer figures scale with the layer count) of ``shape``
+    with random weights; under TP each rank draws its own shards from ``seed``."""
     s = SHAPES[shape]
-    arch = LlamaArch(vocab_size=32000, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                     num_layers=1, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+    arch = LlamaArch(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                     num_layers=layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
     model = StarLlama(arch, groups, precision)
     g = torch.Generator(device=groups.device).manual_seed(seed)
