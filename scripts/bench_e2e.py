@@ -42,7 +42,8 @@ import benchlib  # noqa: E402
 from star_mcore.inference.engine import Engine, EngineSettings  # noqa: E402
 from star_mcore.inference.kv_cache import KVCache  # noqa: E402
 from star_mcore.inference.steps import QueryStep  # noqa: E402
-from star_mcore.parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel  # noqa: E402
+from star_mcore.parallel.groups import (  # noqa: E402
+    ParallelGroups, destroy_parallel, init_process_group, initialize_parallel)
 
 SMOKE = dict(shape="tiny", layers=2, lengths="64,128", query=4, new_tokens=3, reps=1)
 
@@ -71,7 +72,8 @@ def parse(argv=None) -> argparse.Namespace:
                     help="star phase-2 exactness check up to this context (0: never; it gathers all hosts' KV)")
     ap.add_argument("--timeout", type=float, default=3600, help="collective timeout, seconds")
     ap.add_argument("--smoke", action="store_true",
-                    help="defaults for a check anywhere: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items()))
+                    help="defaults for a check anywhere: "
+                    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items()))
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         ap.set_defaults(**SMOKE)  # smoke defaults; options given explicitly still win
     args = ap.parse_args(argv)
@@ -263,12 +265,13 @@ def main(argv=None) -> None:
                 ref = r
             row: Dict[str, object] = dict(context=n, **s, phase1_s=r["phase1_s"],
                                           phase1_ms_per_layer=r["phase1_s"] / layers * 1e3, phase2_s=r["phase2_s"],
-                                          first_token_s=r["first_token_s"], decode_ms_per_token=r["decode_ms_per_token"],
-                                          samples=r["samples"])
+                                          first_token_s=r["first_token_s"],
+                                          decode_ms_per_token=r["decode_ms_per_token"], samples=r["samples"])
             if ref is not None and s["mode"] != "none":
                 # first_step_logits: on the query host of this setting's groups (none: every rank).
                 d = (r["logits"] - ref["logits"]).abs().max().item() if g.is_query_host else -1.0
-                row.update(max_dlogit_vs_none=reduce_max([d], device)[0], tokens_equal_none=r["tokens"] == ref["tokens"],
+                row.update(max_dlogit_vs_none=reduce_max([d], device)[0],
+                           tokens_equal_none=r["tokens"] == ref["tokens"],
                            first_token_equal_none=r["tokens"][:1] == ref["tokens"][:1])
             if s["mode"] == "star" and args.check_max and n <= args.check_max:
                 row["phase2_exact_err"] = star_phase2_error(engine, ctx, qry)
