@@ -165,3 +165,23 @@ def test_text_requests_use_the_checkpoint_tokenizer(text_ckpt, tmp_path):
     # the checkpoint's EOS (2) ends generation early when it is produced
     gen = text_rec["generated_ids"]
     assert len(gen) == 6 or gen[-1] == 2
+
+
+@pytest.mark.parametrize("user_value", [None, "expandable_segments:False"])
+def test_gpu_runs_get_expandable_segments_before_cuda_starts(gqa_ckpt, monkeypatch, user_value):
+    """Set in preflight, before its first CUDA call (torch reads the variable when CUDA starts); a user's
+    own setting is kept. On this CPU box preflight then stops at the missing GPU."""
+    from star_mcore.config import load_config
+    from star_mcore.errors import RunError
+    from star_mcore.inference.runner import preflight
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if user_value is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_value)
+    cfg = load_config(CONFIG, [f"checkpoint.hf_path={gqa_ckpt}", "model.context_parallel_size=1",
+                               "trainer.accelerator=gpu", "inference.input_path=x", "inference.output_path=y"])
+    with pytest.raises(RunError, match="no CUDA device is visible"):
+        preflight(cfg)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user_value or "expandable_segments:True")

@@ -20,7 +20,8 @@ from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
 from ..model.llama import DTYPES, StarLlama
 from ..ops.attention import resolve_backend
-from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
+from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_parallel, init_process_group,
+                               initialize_parallel)
 from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
 from .planner import check_fits
@@ -47,6 +48,8 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
     if arch.num_heads % tp or arch.num_kv_heads % tp:
         raise RunError(f"model.tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} attention "
                        f"heads and {arch.num_kv_heads} KV heads")
+    if launched and cfg.trainer.accelerator == "gpu":
+        cuda_allocator_defaults()  # before the first CUDA call below
     if launched and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
     if launched:  # a kernel that cannot run here is refused now, not after the weights are loaded

@@ -46,13 +46,18 @@ class ParallelGroups:
         return dist.get_global_rank(self.cp, cp_rank)
 
 
+def cuda_allocator_defaults() -> None:
+    """Each request allocates a few huge tensors of new sizes: expandable segments keep the caching allocator
+    from holding fragments (measured up to 12 GiB reserved beyond the peak; docs/performance.md). torch reads
+    the setting when CUDA starts, so this must run before the process's first CUDA call; a user's own
+    ``PYTORCH_CUDA_ALLOC_CONF`` wins."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def init_process_group(accelerator: str, timeout_s: float) -> torch.device:
     """Join the job torchrun/srun started (a single process needs no launcher). Returns this rank's device."""
     if accelerator == "gpu":
-        # Each request allocates a few huge tensors of new sizes: expandable segments keep the caching
-        # allocator from holding fragments (measured up to 12 GiB reserved beyond the peak; docs/performance.md).
-        # Set before this process's first CUDA allocation; a user's own setting wins.
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        cuda_allocator_defaults()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
