@@ -24,7 +24,7 @@ import benchlib  # noqa: E402
 from star_mcore.inference.kv_cache import KVCache  # noqa: E402
 from star_mcore.inference.steps import EncodeSegment, EncodeWithAnchor, SharedAnchor  # noqa: E402
 from star_mcore.ops.attention import accumulate_ring_step, resolve_backend  # noqa: E402
-from star_mcore.ops.layout import ring_chunk_ids, ring_chunks, star_blocks  # noqa: E402
+from star_mcore.ops.layout import ring_chunk_ids, ring_chunks, star_layout  # noqa: E402
 
 BANDWIDTH_GBPS = {"nvlink": 450.0, "infiniband": 50.0}  # per GPU, one direction (H100 NVLink 4 / NDR 400G)
 
@@ -116,8 +116,7 @@ def main() -> None:
                 for mode in ("recompute", "shared"):
                     for div, part in ((1, "uniform"), (2, "uniform"), (4, "uniform"), (8, "uniform"), (1, "balanced")):
                         a = b // div
-                        first = b + a if part == "balanced" else b
-                        layout = star_blocks(n, b, p, first_block_size=first)
+                        layout = star_layout(n, b, a, part, p)
                         hosts = {}
                         for h, blocks in enumerate(layout):
                             t = 0.0

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ..config import ANCHOR_MODES, PARTITIONS
 from ..model.llama import StarLlama
 from ..ops.attention import resolve_backend
-from ..ops.layout import ring_chunks, star_block_tokens, star_blocks
+from ..ops.layout import context_shares, ring_chunks, star_block_tokens, star_layout
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import broadcast_from_last
 from ..parallel.groups import ParallelGroups
@@ -85,22 +85,14 @@ class Engine:
         else:
             raise ValueError(f"unknown context_parallel_mode {s.mode!r}")
 
-    def _star_layout(self, n: int):
-        first = self.s.block_size + (self.s.anchor_size if self.s.partition == "balanced" else 0)
-        return star_blocks(n, self.s.block_size, self.groups.cp_size, first_block_size=first)
-
     def context_share(self, n: int) -> int:
         """Context tokens of an ``n``-token context that this host keeps in its KV cache."""
-        g = self.groups
-        if self.s.mode == "star":
-            return sum(len(b) for b in self._star_layout(n)[g.cp_rank])
-        if self.s.mode == "ring":
-            return sum(len(c) for c in ring_chunks(n, g.cp_size)[g.cp_rank])
-        return n
+        s, g = self.s, self.groups
+        return context_shares(s.mode, n, g.cp_size, s.block_size, s.anchor_size, s.partition)[g.cp_rank]
 
     def _prefill_star(self, context_ids: Tensor, cache: KVCache) -> None:
         g, m, s = self.groups, self.model, self.s
-        layout = self._star_layout(len(context_ids))
+        layout = star_layout(len(context_ids), s.block_size, s.anchor_size, s.partition, g.cp_size)
         n_anchor = min(s.anchor_size, len(layout[0][0]))
         needs_anchor = n_anchor > 0 and len(context_ids) > len(layout[0][0])
         if s.anchor_mode == "recompute" or not needs_anchor:

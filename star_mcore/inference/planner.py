@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
 
 from ..config import RunConfig
 from ..errors import RunError
 from ..model.arch import LlamaArch
 from ..model.llama import padded_vocab_size
-from ..ops.layout import ring_chunks, star_blocks
+from ..ops.layout import context_shares, star_layout
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 2 ** 30
@@ -54,18 +53,15 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> P
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     inf, prec = cfg.inference, cfg.model.precision
     new_tokens = query_len + inf.tokens_to_generate
-    if inf.context_parallel_mode == "star":
-        first = inf.block_size + (inf.anchor_size if inf.partition == "balanced" else 0)
-        hosts = star_blocks(context_len, inf.block_size, cp, first_block_size=first)
-        held: List[int] = [sum(len(b) for b in h) for h in hosts]
+    mode = inf.context_parallel_mode
+    held = context_shares(mode, context_len, cp, inf.block_size, inf.anchor_size, inf.partition)
+    if mode == "star":
         extra = inf.anchor_size if inf.anchor_mode == "recompute" else 0
+        hosts = star_layout(context_len, inf.block_size, inf.anchor_size, inf.partition, cp)
         segment = max(len(b) + (extra if b.start else 0) for h in hosts for b in h)
         anchor_kv = inf.anchor_size if inf.anchor_mode == "shared" and cp > 1 else 0
-    elif inf.context_parallel_mode == "ring":
-        held = [len(a) + len(b) for a, b in ring_chunks(context_len, cp)]
+    else:  # ring: a host's two chunks in one forward; none: the whole context
         segment, anchor_kv = max(held), 0
-    else:
-        held, segment, anchor_kv = [context_len], context_len, 0
     held[-1] += new_tokens
     per_token_kv = kv_bytes_per_token(arch, tp, prec)
     kv = max(held) * per_token_kv
