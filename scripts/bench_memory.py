@@ -24,7 +24,6 @@ from star_mcore.config import load_config  # noqa: E402
 from star_mcore.inference.engine import Engine, EngineSettings  # noqa: E402
 from star_mcore.inference.planner import plan  # noqa: E402
 from star_mcore.model.arch import LlamaArch  # noqa: E402
-from star_mcore.model.llama import StarLlama  # noqa: E402
 
 QUERY, NEW = 32, 4
 # (shape, layers, context, mode, block, anchor, anchor_mode)
@@ -39,18 +38,6 @@ CASES = [
     ("llama3.1-70b", 2, 131072, "star", 32768, 32768, "recompute"),
 ]
 SMOKE = [("tiny", 2, 256, "none", 0, 0, "shared"), ("tiny", 2, 512, "star", 128, 64, "recompute")]
-
-
-def random_model(shape: str, layers: int, groups, vocab: int) -> StarLlama:
-    s = benchlib.SHAPES[shape]
-    arch = LlamaArch(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                     num_layers=layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
-                     head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
-    model = StarLlama(arch, groups, "bf16")
-    with torch.no_grad():
-        for name, p in model.gpt.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
-    return model
 
 
 def estimate(arch: LlamaArch, n: int, mode: str, block: int, anchor: int, anchor_mode: str):
@@ -71,14 +58,13 @@ def main() -> None:
     cases = SMOKE if args.smoke else CASES
     # Device memory in use before any tensor: the CUDA context and the process groups' buffers.
     baseline = (lambda f, t: t - f)(*torch.cuda.mem_get_info()) if dev.type == "cuda" else 0
-    rows, built = [], None
+    rows, model, built = [], None, None
     for shape, layers, n, mode, block, anchor, anchor_mode in cases:
-        if built is None or built[0] != (shape, layers):
-            built = None
-            torch.cuda.empty_cache() if dev.type == "cuda" else None
-            model = random_model(shape, layers, groups, vocab=128256 if shape != "tiny" else 1000)
-            built = ((shape, layers), model)
-        model = built[1]
+        if built != (shape, layers):
+            model = None  # the last model goes before the next is built
+            model = benchlib.layer_model(shape, groups, "bf16", layers=layers,
+                                         vocab=128256 if shape != "tiny" else 1000)
+            built = (shape, layers)
         engine = Engine(model, groups, EngineSettings(mode=mode, block_size=block or n, anchor_size=anchor,
                                                       tokens_to_generate=NEW, attention_backend=args.backend,
                                                       anchor_mode=anchor_mode))

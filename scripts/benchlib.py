@@ -47,8 +47,7 @@ def layer_model(shape: str, groups: ParallelGroups, precision: str = "bf16", see
     s = SHAPES[shape]
     arch = LlamaArch(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                      num_layers=layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
-                     head_dim=s["head_dim"],
-                     rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
+                     head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
     model = StarLlama(arch, groups, precision)
     g = torch.Generator(device=groups.device).manual_seed(seed)
     with torch.no_grad():
