@@ -148,7 +148,7 @@ def global_attention(q, ks, vs, scale: float, n_ctx: int) -> torch.Tensor:
 
 class GlobalCheck:
     """Wraps phase 2's QueryStep: per layer, every host's context KV is gathered and the merged output is
-    compared, on the query host, with :func:`global_attention` over all of it."""
+    compared, on every host, with :func:`global_attention` over all of it."""
 
     def __init__(self, step: QueryStep, cache: KVCache, groups: ParallelGroups, n_ctx: int) -> None:
         self.step, self.cache, self.groups, self.n_ctx, self.worst = step, cache, groups, n_ctx, 0.0
@@ -157,13 +157,12 @@ class GlobalCheck:
         ck, cv = self.cache.get(layer, like=k)
         every_k, every_v = gather_seq(ck, self.groups.cp), gather_seq(cv, self.groups.cp)
         out = self.step(layer, q, k, v, scale)
-        if self.groups.is_query_host:
-            ks, vs = torch.cat(every_k + [k], dim=2), torch.cat(every_v + [v], dim=2)
-            if ks.shape[2] != self.n_ctx + q.shape[2]:
-                raise AssertionError(f"the hosts' caches hold {ks.shape[2] - q.shape[2]} context tokens, "
-                                     f"not {self.n_ctx}: every context token must be held once")
-            ref = global_attention(q, ks, vs, scale, self.n_ctx)
-            self.worst = max(self.worst, (out.double() - ref).abs().max().item())
+        ks, vs = torch.cat(every_k + [k], dim=2), torch.cat(every_v + [v], dim=2)
+        if ks.shape[2] != self.n_ctx + q.shape[2]:
+            raise AssertionError(f"the hosts' caches hold {ks.shape[2] - q.shape[2]} context tokens, "
+                                 f"not {self.n_ctx}: every context token must be held once")
+        ref = global_attention(q, ks, vs, scale, self.n_ctx)
+        self.worst = max(self.worst, (out.double() - ref).abs().max().item())
         return out
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from star_mcore.inference.engine import Engine, EngineSettings, NumericalError
 from star_mcore.inference.kv_cache import KVCache
-from star_mcore.inference.steps import EncodeSegment, QueryStep
+from star_mcore.inference.steps import EncodeSegment
 from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
 from star_mcore.ops import math_attention
 from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench_e2e import star_phase2_error  # noqa: E402
 
 
 def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32", accelerator: str = "cpu"):
@@ -136,49 +140,13 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     return {"held": held, "max_diff": worst}
 
 
-class _Recorder:
-    """Wraps a step and keeps, per layer, q, the new k, v, and the output."""
-
-    def __init__(self, step):
-        self.step, self.seen = step, {}
-
-    def __call__(self, layer, q, k, v, scale):
-        out = self.step(layer, q, k, v, scale)
-        self.seen[layer] = (q.clone(), k.clone(), v.clone(), out.clone(), scale)
-        return out
-
-
 def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: int, anchor: int) -> float:
-    """Star phase 1, then one phase-2 pass; per layer, compare the merged attention output with global
-    attention (one softmax) over the union of every host's KV plus the query's own causally.
-    Returns the largest absolute difference seen on this rank."""
+    """Star phase 1, then one phase-2 pass; per layer and on every host, the merged attention output against
+    global attention (one softmax) over the union of every host's KV plus the query's own causally
+    (scripts/bench_e2e.py's check). Returns the largest absolute difference over all ranks."""
     eng = Engine(model, groups, EngineSettings(mode="star", block_size=block, anchor_size=anchor, tokens_to_generate=1,
                                                attention_backend="sdpa_flash"))
-    cache = KVCache(model.arch.num_layers)
-    eng.prefill(torch.tensor(ctx), cache)
-    with torch.inference_mode():
-        held = {layer: tuple(t.clone() for t in cache.get(layer, like=torch.empty(1, 1, 0, 1)))
-                for layer in range(model.arch.num_layers)}
-        rec = _Recorder(QueryStep(eng.attn, cache, groups.cp, groups.is_query_host))
-        model.runtime.step = rec
-        model.hidden(torch.tensor(qry), torch.arange(len(ctx), len(ctx) + len(qry)))
-    worst = 0.0
-    for layer, (q, k, v, out, scale) in rec.seen.items():
-        every = [None] * groups.cp_size
-        dist.all_gather_object(every, held[layer], group=groups.cp)
-        ks = torch.cat([e[0] for e in every if e[0].shape[2]] + [k], dim=2)
-        vs = torch.cat([e[1] for e in every if e[1].shape[2]] + [v], dim=2)
-        assert ks.shape[2] == len(ctx) + len(qry), "the hosts' caches must hold every context token once"
-        # Global attention: query i sees all context keys and query keys 0..i.
-        rep = q.shape[1] // ks.shape[1]
-        ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
-        scores = (q.double() @ ks.double().transpose(-1, -2)) * scale
-        n, s = len(ctx), len(qry)
-        mask = torch.ones(s, n + s, dtype=torch.bool)
-        mask[:, n:] = torch.ones(s, s, dtype=torch.bool).tril()
-        ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vs.double()
-        worst = max(worst, (out.double() - ref).abs().max().item())
-    return worst
+    return star_phase2_error(eng, torch.tensor(ctx), torch.tensor(qry))
 
 
 def cache_freed_after_generate(ckpt: str) -> List[bool]:
