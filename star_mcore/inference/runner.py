@@ -48,13 +48,14 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
     if arch.num_heads % tp or arch.num_kv_heads % tp:
         raise RunError(f"model.tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} attention "
                        f"heads and {arch.num_kv_heads} KV heads")
-    if launched and cfg.trainer.accelerator == "gpu":
-        cuda_allocator_defaults()  # before the first CUDA call below
-    if launched and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
-    if launched:  # a kernel that cannot run here is refused now, not after the weights are loaded
-        device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
-        try:
+    if launched:
+        device = torch.device("cpu")
+        if cfg.trainer.accelerator == "gpu":
+            cuda_allocator_defaults()  # before the first CUDA call below
+            if not torch.cuda.is_available():
+                raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+            device = torch.device("cuda")
+        try:  # a kernel that cannot run here is refused now, not after the weights are loaded
             resolve_backend(cfg.inference.attention_backend, device, DTYPES[cfg.model.precision])
         except ValueError as e:
             raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
