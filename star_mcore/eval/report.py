@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import UserError
+from ..inference.requests import read_records
 from .settings import complete_setting
 from .tasks import TASKS
 
@@ -20,14 +21,9 @@ def load_records(paths: Sequence[str]) -> List[Dict[str, Any]]:
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by an interrupted run
-                if isinstance(rec, dict) and {"task", "length", "sample", "score", "setting"} <= rec.keys():
-                    records.append({**rec, "setting": complete_setting(rec["setting"])})
+        for rec in read_records(path):
+            if {"task", "length", "sample", "score", "setting"} <= rec.keys():
+                records.append({**rec, "setting": complete_setting(rec["setting"])})
     if not records:
         raise UserError(f"no eval results in {', '.join(paths)}")
     return records

@@ -104,6 +104,7 @@ BACKENDS: Dict[str, AttnFn] = {
 CUDA_ONLY = {"sdpa_efficient", "sdpa_cudnn", *LIBRARIES}
 HALF = (torch.float16, torch.bfloat16)
 
+
 @dataclass(frozen=True)
 class AutoCuda:
     """``auto`` on CUDA in half precision: one kernel for long query blocks (phase 1; >= 256 rows once GQA is
