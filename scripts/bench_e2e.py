@@ -280,20 +280,12 @@ def main(argv=None) -> None:
             payload["rows"].append(row)
             if rank == 0:
                 print(line(row), flush=True)
-                _write(args.out, payload)
+                benchlib.write_json(args.out, payload, announce=False)  # the partial file after each row
     payload["complete"] = True
     if rank == 0:
         benchlib.write_json(args.out, payload)
     dist.barrier()
     destroy_parallel()
-
-
-def _write(path: str, payload: dict) -> None:
-    """The partial JSON after each row, quietly (benchlib.write_json prints; the final write does)."""
-    import json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=1))
 
 
 def line(row: dict) -> str:

@@ -87,10 +87,11 @@ def hardware() -> dict:
     return info
 
 
-def write_json(path: str | Path, payload: dict) -> None:
+def write_json(path: str | Path, payload: dict, announce: bool = True) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
-    print(f"wrote {path}", flush=True)
+    if announce:
+        print(f"wrote {path}", flush=True)
 
 
 def device_kind(arg: str) -> str:
