@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from star_mcore.inference.engine import Engine, EngineSettings, NumericalError
+from star_mcore.config import InferenceConfig
+from star_mcore.inference.engine import Engine, NumericalError
 from star_mcore.inference.kv_cache import KVCache
 from star_mcore.inference.steps import EncodeSegment
 from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
@@ -96,11 +97,10 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
                            "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()})}
     try:
         for c in cases:
-            eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
-                                                       tokens_to_generate=c["n"], attention_backend=backend,
-                                                       eos_token_ids=tuple(c.get("eos", ())),
-                                                       anchor_mode=c.get("anchor_mode", "shared"),
-                                                       partition=c.get("partition", "uniform")))
+            eng = Engine(model, groups, InferenceConfig(
+                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=c["n"],
+                attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
+                partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
             r = {"tokens": gen.generated_ids}
             if gen.first_step_logits is not None:
@@ -111,8 +111,7 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
         if full_logits_ids is not None:
-            model.runtime.step = EncodeSegment(math_attention, KVCache(model.arch.num_layers))
-            with torch.inference_mode():
+            with torch.inference_mode(), model.attending(EncodeSegment(math_attention, KVCache(model.arch.num_layers))):
                 ids = torch.tensor(full_logits_ids)
                 res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
     finally:
@@ -125,8 +124,8 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     and agree to fp32 rounding. Returns {tokens held, max |difference|}."""
     caches = {}
     for mode in ("shared", "recompute"):
-        eng = Engine(model, groups, EngineSettings(mode="star", block_size=c["block"], anchor_size=c["anchor"],
-                                                   tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
+        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=1,
+                                                    anchor_mode=mode, partition=c["partition"]))
         caches[mode] = KVCache(model.arch.num_layers)
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)
@@ -144,8 +143,8 @@ def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: 
     """Star phase 1, then one phase-2 pass; per layer and on every host, the merged attention output against
     global attention (one softmax) over the union of every host's KV plus the query's own causally
     (scripts/bench_e2e.py's check). Returns the largest absolute difference over all ranks."""
-    eng = Engine(model, groups, EngineSettings(mode="star", block_size=block, anchor_size=anchor, tokens_to_generate=1,
-                                               attention_backend="sdpa_flash"))
+    eng = Engine(model, groups, InferenceConfig(block_size=block, anchor_size=anchor, tokens_to_generate=1,
+                                                attention_backend="sdpa_flash"))
     return star_phase2_error(eng, torch.tensor(ctx), torch.tensor(qry))
 
 
@@ -154,7 +153,7 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
     import weakref
 
     groups, model = _setup(ckpt, 1, 2)
-    eng = Engine(model, groups, EngineSettings(mode="star", block_size=8, anchor_size=4, tokens_to_generate=2))
+    eng = Engine(model, groups, InferenceConfig(block_size=8, anchor_size=4, tokens_to_generate=2))
     seen = []
     try:
         eng.generate(torch.arange(20), torch.tensor([3, 4]))
@@ -167,9 +166,10 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
             seen.append(model.runtime.step is None)
         cache = KVCache(1)
         ref = weakref.ref(cache)
-        model.runtime.step = EncodeSegment(math_attention, cache)
-        del cache
-        seen.append(ref() is not None)  # the check above is meaningful: a step does keep its cache alive
+        with model.attending(EncodeSegment(math_attention, cache)):
+            del cache
+            seen.append(ref() is not None)  # the checks above are meaningful: a step does keep its cache alive
+        seen.append(ref() is None)  # ... and leaving the block drops it
     finally:
         destroy_parallel()
     return seen

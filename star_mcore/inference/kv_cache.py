@@ -43,10 +43,23 @@ class KVCache:
         self._v[layer][:, :, n:need] = v
         self._len[layer] = need
 
-    def get(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-        """Views of the held K, V; an empty [b, hk, 0, d] pair shaped like ``like`` if nothing is held."""
+    def set_length(self, n: int) -> None:
+        """Declare ``n`` tokens held in every layer (at most the capacity): the static decode step writes its
+        tokens through device-side indices, so the host states the count once the steps are done."""
+        if any(k is not None and n > k.shape[2] for k in self._k) or (n and self._k[0] is None):
+            raise ValueError(f"cannot hold {n} tokens: beyond the cache's capacity")
+        self._len = [n] * len(self._len)
+
+    def buffers(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """The whole K, V buffers [b, hk, capacity, d] of ``layer`` (past the held tokens: unwritten memory);
+        an empty pair shaped like ``like`` where nothing was ever held."""
         if self._k[layer] is None:
             empty = like.new_empty(like.shape[:2] + (0,) + like.shape[3:])
             return empty, empty
+        return self._k[layer], self._v[layer]
+
+    def get(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """Views of the held K, V; an empty [b, hk, 0, d] pair shaped like ``like`` if nothing is held."""
+        k, v = self.buffers(layer, like)
         n = self._len[layer]
-        return self._k[layer][:, :, :n], self._v[layer][:, :, :n]
+        return k[:, :, :n], v[:, :, :n]

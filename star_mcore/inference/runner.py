@@ -23,7 +23,8 @@ from ..ops.attention import resolve_backend
 from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_parallel, init_process_group,
                                initialize_parallel)
 from ..parallel.watchdog import Watchdog
-from .engine import Engine, EngineSettings
+from .engine import Engine
+from .logs import log
 from .planner import check_fits
 from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
 
@@ -60,10 +61,6 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
         except ValueError as e:
             raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
     return arch
-
-
-def log(msg: str) -> None:
-    print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -117,10 +114,7 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
                                      device, cfg.distributed.timeout_s)
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
-        engine = Engine(model, groups, EngineSettings(
-            mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
-            tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
-            eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
+        engine = Engine(model, groups, inf, arch.eos_token_ids)
         yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path),
                       writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from ..ops.rope import inv_frequencies, rotary_angles
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
 from .arch import LlamaArch
-from .core_attention import AttentionRuntime, StarCoreAttention
+from .core_attention import AttentionRuntime, AttentionStep, StarCoreAttention
 
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +99,18 @@ class StarLlama:
             pg_collection=groups.pg_collection,
         ).to(device=self.device, dtype=self.dtype).eval()  # mcore's torch RMSNorm is built in fp32: bf16 end to end
         self.inv_freq = inv_frequencies(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(self.device)
+
+    @contextmanager
+    def attending(self, step: AttentionStep) -> Iterator[AttentionStep]:
+        """Forward passes inside the block use ``step`` as every layer's core attention. The step (and the KV
+        cache it holds) is detached on the way out, also on a failure: nothing of a request outlives it."""
+        if self.runtime.step is not None:
+            raise RuntimeError("the model is already attending with another step")
+        self.runtime.step = step
+        try:
+            yield step
+        finally:
+            self.runtime.step = None
 
     def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h]."""
