@@ -13,6 +13,8 @@ from star_mcore.ops.decode_attention import (masked_decode_attention, resolve_de
 from star_mcore.ops.merge import merge_partials
 from test_ops import _dense
 
+# On a GPU machine the same tests run the compiled kernels on CUDA tensors.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 KERNELS = [pytest.param(masked_decode_attention, id="masked"),
            pytest.param(split_kv_decode_attention, id="split_kv", marks=needs_triton)]
@@ -23,7 +25,7 @@ def _buffers(b, hq, hk, sq, cap, d, seed, dtype=torch.float32):
     q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
     k = torch.randn(b, hk, cap, d, generator=g).to(dtype)
     v = torch.randn(b, hk, cap, d, generator=g).to(dtype)
-    return q, k, v
+    return q.to(DEV), k.to(DEV), v.to(DEV)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -39,8 +41,8 @@ def test_decode_kernel_matches_fp64_softmax_over_valid_keys(kernel, hq, hk, sq, 
     # poison the tail: it must not leak into the result
     k[:, :, n:] = 1e4
     v[:, :, n:] = float("nan")
-    out, lse = kernel(q, k, v, torch.tensor([n]), d ** -0.5)
-    ref_o, ref_l = _dense(q, k[:, :, :n], v[:, :, :n], torch.ones(sq, n, dtype=torch.bool))
+    out, lse = kernel(q, k, v, torch.tensor([n], device=DEV), d ** -0.5)
+    ref_o, ref_l = _dense(q, k[:, :, :n], v[:, :, :n], torch.ones(sq, n, dtype=torch.bool, device=DEV))
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert out.shape == (1, hq, sq, d) and lse.shape == (1, hq, sq)
     assert (out.double() - ref_o).abs().max() < 1e-5
@@ -51,7 +53,7 @@ def test_decode_kernel_matches_fp64_softmax_over_valid_keys(kernel, hq, hk, sq, 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_decode_kernel_with_no_valid_key_is_a_neutral_partial(kernel):
     q, k, v = _buffers(1, 4, 2, 1, 128, 16, seed=1)
-    out, lse = kernel(q, k, v, torch.tensor([0]), 0.25)
+    out, lse = kernel(q, k, v, torch.tensor([0], device=DEV), 0.25)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
@@ -59,7 +61,7 @@ def test_decode_kernel_with_no_valid_key_is_a_neutral_partial(kernel):
 def test_decode_kernel_batch_rows_have_their_own_lengths(kernel):
     q, k, v = _buffers(2, 4, 2, 1, 400, 16, seed=2)
     lengths = [400, 57]
-    out, lse = kernel(q, k, v, torch.tensor(lengths), 0.25)
+    out, lse = kernel(q, k, v, torch.tensor(lengths, device=DEV), 0.25)
     for i, n in enumerate(lengths):
         s = (q[i:i + 1].double() @ k[i:i + 1, :, :n].double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
         ref_o = torch.softmax(s, -1) @ v[i:i + 1, :, :n].double().repeat_interleave(2, 1)
@@ -79,8 +81,9 @@ def test_fused_merge_equals_torch_merge(n):
     lses[0, 0, 0, 0] = -float("inf")  # one empty partial
     if n > 1:
         lses[:, 1, 1, 1] = -float("inf")  # a row where every partial is empty
-    ref_o, ref_l = merge_partials(outs, lses)
-    out, lse = merge_rows(outs.reshape(n, -1, 24), lses.reshape(n, -1))
+    ref_o, ref_l = merge_partials(outs, lses)  # the torch formula (CPU tensors)
+    out, lse = merge_rows(outs.reshape(n, -1, 24).to(DEV), lses.reshape(n, -1).to(DEV))
+    out, lse = out.cpu(), lse.cpu()
     assert torch.allclose(out.reshape(ref_o.shape), ref_o, atol=1e-6, rtol=1e-5)
     finite = torch.isfinite(ref_l)
     assert torch.equal(torch.isfinite(lse.reshape(ref_l.shape)), finite)

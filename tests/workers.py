@@ -173,3 +173,39 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
     finally:
         destroy_parallel()
     return seen
+
+
+class RecordingEngine(Engine):
+    """An engine that keeps every phase-2 step's logits (on the query host), so decode loops can be compared
+    step by step. Only meaningful where the step runs in Python each time (CPU; no graph replay)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_logits: List[torch.Tensor] = []
+
+    def decide(self, hidden, decision):
+        logits = super().decide(hidden, decision)
+        if logits is not None:
+            self.step_logits.append(logits.clone())
+        return logits
+
+
+def decode_loops(ckpt: str, tp: int, cp: int, cases: List[dict], loops=("eager", "static", "graph"),
+                 precision: str = "fp32", accelerator: str = "cpu") -> dict:
+    """Each case ({name, mode, block, anchor, ctx, qry, n, eos?}) under every decode loop: the tokens, every
+    step's logits where the step ran in Python (query host), and whether the graph loop kept its graph."""
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
+    res: Dict[str, Any] = {}
+    try:
+        for c in cases:
+            for loop in loops:
+                eng = RecordingEngine(model, groups, InferenceConfig(
+                    context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+                    tokens_to_generate=c["n"], decode=loop), c.get("eos", ()))
+                gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]))
+                res[f"{c['name']}/{loop}"] = {"tokens": gen.generated_ids,
+                                              "logits": [x.tolist() for x in eng.step_logits],
+                                              "graphs": getattr(eng.decoder, "graphs", False)}
+    finally:
+        destroy_parallel()
+    return res
