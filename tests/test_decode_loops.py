@@ -71,3 +71,11 @@ def test_loops_stop_at_the_same_eos(gqa_ckpt):
     for r in ranks:
         for loop in ("eager", "static", "graph"):
             assert r[f"ring/{loop}"]["tokens"] == eager[:3]
+
+
+def test_a_non_finite_decode_step_is_reported_the_same_by_every_loop(gqa_ckpt):
+    from workers import decode_step_errors
+
+    errors = run_world(1, decode_step_errors, gqa_ckpt)[0]
+    expected = "non-finite values (NaN/Inf) in the attention output of layer 0 during phase 2 (step 1)"
+    assert errors == {"eager": expected, "static": expected, "graph": expected}

@@ -209,3 +209,26 @@ def decode_loops(ckpt: str, tp: int, cp: int, cases: List[dict], loops=("eager",
     finally:
         destroy_parallel()
     return res
+
+
+def decode_step_errors(ckpt: str, loops=("eager", "static", "graph")) -> Dict[str, str]:
+    """The first generated token's embedding made inf after a clean query pass: each decode loop's error for
+    the request (its first decode step feeds that token)."""
+    groups, model = _setup(ckpt, 1, 1)
+    try:
+        inference = InferenceConfig(context_parallel_mode="none", tokens_to_generate=4)
+        first = Engine(model, groups, inference).generate(torch.arange(3, 23), torch.tensor([30, 31])).generated_ids[0]
+        assert first not in range(3, 23) and first not in (30, 31), "pick ids that avoid the poisoned token"
+        with torch.no_grad():
+            model.gpt.embedding.word_embeddings.weight[first] = float("inf")
+        errors = {}
+        for loop in loops:
+            try:
+                Engine(model, groups, InferenceConfig(context_parallel_mode="none", tokens_to_generate=4, decode=loop)
+                       ).generate(torch.arange(3, 23), torch.tensor([30, 31]))
+                errors[loop] = "no error"
+            except NumericalError as e:
+                errors[loop] = str(e)
+    finally:
+        destroy_parallel()
+    return errors

@@ -22,28 +22,30 @@ class AttentionStep(Protocol):
 
 
 class AttentionRuntime:
-    """Shared by every layer's core attention of one model: the step of the current forward pass, and
-    per-layer flags of non-finite attention outputs (kept on the device: no sync per layer)."""
+    """Shared by every layer's core attention of one model: the step of the current forward pass, and per
+    layer the float32 sum of its attention output, kept on the device (no sync per layer): NaN/Inf anywhere
+    makes the sum non-finite, and an attention output (a weighted mean of values) cannot overflow it. A
+    reduction and an add per layer: the guard costs a decode step two small kernels a layer."""
 
     def __init__(self, num_layers: int) -> None:
         self.step: Optional[AttentionStep] = None
         self.num_layers = num_layers
-        self.nonfinite: Optional[Tensor] = None
+        self.sums: Optional[Tensor] = None
 
     def reset_guard(self, device: torch.device) -> None:
-        if self.nonfinite is None or self.nonfinite.device != device:
-            self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+        if self.sums is None or self.sums.device != device:
+            self.sums = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
         else:
-            self.nonfinite.zero_()  # once per decode step: no new allocation
+            self.sums.zero_()  # once per decode step: no new allocation
 
     def record(self, layer: int, out: Tensor) -> None:
-        if self.nonfinite is not None:
-            self.nonfinite[layer] |= ~torch.isfinite(out).all()
+        if self.sums is not None:
+            self.sums[layer] += torch.sum(out, dtype=torch.float32)  # accumulates over a phase's forwards
 
     def first_nonfinite_layer(self) -> Tensor:
-        """0-d int64 tensor: the first flagged layer, or num_layers if none (no host sync)."""
-        idx = torch.arange(self.num_layers, device=self.nonfinite.device)
-        return torch.where(self.nonfinite, idx, self.num_layers).min()
+        """0-d int64 tensor: the first layer whose output was not finite, or num_layers if none (no host sync)."""
+        idx = torch.arange(self.num_layers, device=self.sums.device)
+        return torch.where(torch.isfinite(self.sums), self.num_layers, idx).min()
 
 
 class StarCoreAttention(MegatronModule):
