@@ -96,6 +96,38 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
     return out
 
 
+def profile_static_step(args, model, groups, kv_share: int, steps: int = 8) -> dict:
+    """GPU time of one static decode step by kernel (torch profiler, the static loop: the same kernels a graph
+    replays, without the launch gaps; on CPU, ops' own CPU time). Returns {busy_ms_per_step, kernels_per_step,
+    top: [...]}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = groups.device
+    query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
+    cache = filled_cache(model, kv_share, args.query + 2 * steps + 4, dev)
+    engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode="static",
+                                                   attention_backend=args.backend))
+    time_answer(engine, cache, kv_share, query, 4)
+    activities = [ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        time_answer(engine, cache, kv_share, query, 1)  # the query pass alone, subtracted below
+    base = {e.key: (e.count, e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total)
+            for e in prof.key_averages()}
+    with profile(activities=activities) as prof:
+        time_answer(engine, cache, kv_share, query, steps + 1)
+    rows = []
+    for e in prof.key_averages():
+        c0, t0 = base.get(e.key, (0, 0.0))
+        total = e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total
+        count, t = (e.count - c0) / steps, (total - t0) / steps / 1e3
+        if count > 0 and t > 0:
+            rows.append(dict(kernel=e.key[:90], per_step=round(count, 2), ms_per_step=round(t, 4)))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    del cache
+    return dict(busy_ms_per_step=round(sum(r["ms_per_step"] for r in rows), 4),
+                kernels_per_step=round(sum(r["per_step"] for r in rows), 1), top=rows[:25])
+
+
 def hf_static_compiled(shape: str, layers: int, vocab: int, context: int, budgets, device) -> float:
     """ms per token of HF LlamaForCausalLM (random bf16 weights) with a static cache of ``context`` + budget
     slots, decoding under torch.compile (transformers compiles the forward for static caches); the slope between
@@ -141,6 +173,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="16,80", help="two token budgets; per-token cost is their slope")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf", default="", help="shapes to also run in HF transformers (static cache + torch.compile)")
+    ap.add_argument("--profile", action="store_true", help="kernel breakdown of the static step (first case)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
@@ -180,6 +213,12 @@ def main() -> None:
                 row["hf_static_compiled_ms_per_token"] = round(
                     hf_static_compiled(shape, layers, vocab, context, args.budgets, dev), 4)
                 model = benchlib.layer_model(shape, groups, "bf16", layers=layers, vocab=vocab)
+            if args.profile and not payload["rows"]:
+                row["profile"] = profile_static_step(args, model, groups, kv_share)
+                print(f"static step: {row['profile']['busy_ms_per_step']} ms of kernels, "
+                      f"{row['profile']['kernels_per_step']} kernels", flush=True)
+                for k in row["profile"]["top"][:14]:
+                    print(f"  {k['ms_per_step']:8.4f} ms  x{k['per_step']:6.1f}  {k['kernel']}", flush=True)
             payload["rows"].append(row)
             print(f"{shape} x{layers} ctx={context} kv_share={kv_share}: decode {row['decode_ms_per_token']:.2f} "
                   f"ms/token (floor {row['floor_ms_per_token']:.2f}, eager {row['eager_ms_per_token']}, "
