@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from star_mcore.config import InferenceConfig  # noqa: E402
-from star_mcore.inference.engine import Engine  # noqa: E402
+from star_mcore.inference.engine import EncodedContext, Engine  # noqa: E402
 from star_mcore.inference.kv_cache import KVCache  # noqa: E402
 
 GiB = 2 ** 30
@@ -50,7 +50,8 @@ def step_bytes(model, kv_share: int) -> int:
     return weights + kv
 
 
-def filled_cache(model, kv_share: int, extra: int, device) -> KVCache:
+def filled_context(model, kv_share: int, extra: int, device) -> EncodedContext:
+    """A context of ``kv_share`` tokens whose cache holds random K, V (what phase 1 leaves, without running it)."""
     a = model.arch
     cache = KVCache(a.num_layers, reserve=kv_share + extra)
     g = torch.Generator(device=device).manual_seed(0)
@@ -59,12 +60,11 @@ def filled_cache(model, kv_share: int, extra: int, device) -> KVCache:
             n = min(16384, kv_share - start)
             k = torch.randn(1, a.num_kv_heads, n, a.head_dim, device=device, generator=g, dtype=model.dtype)
             cache.append(layer, k, torch.randn_like(k))
-    return cache
+    return EncodedContext(torch.zeros(kv_share, dtype=torch.long), cache, kv_share, 0.0)
 
 
-def time_answer(engine: Engine, cache: KVCache, kv_share: int, query, budget: int) -> dict:
-    cache.set_length(kv_share)  # roll back to the context: the query and the tokens of the last run go
-    gen = engine.answer(cache, kv_share, query, budget)
+def time_answer(engine: Engine, context: EncodedContext, query, budget: int) -> dict:
+    gen = engine.answer(context, query, budget)  # rolls the cache back to the context first
     assert len(gen.generated_ids) == budget, "no EOS ids: every run generates its whole budget"
     return gen.timings
 
@@ -74,23 +74,23 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
     dev = groups.device
     query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
     lo, hi = args.budgets
-    cache = filled_cache(model, kv_share, args.query + hi, dev)
+    context = filled_context(model, kv_share, args.query + hi, dev)
     out = {}
     for loop in args.loops:
         engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=loop,
                                                        attention_backend=args.backend))
-        time_answer(engine, cache, kv_share, query, lo)  # warm-up: kernels compiled, allocator primed
+        time_answer(engine, context, query, lo)  # warm-up: kernels compiled, allocator primed
         runs = {b: [] for b in (lo, hi)}
         for _ in range(args.reps):
             for b in (lo, hi):
-                runs[b].append(time_answer(engine, cache, kv_share, query, b))
+                runs[b].append(time_answer(engine, context, query, b))
         med = {b: {k: sorted(r[k] for r in runs[b])[len(runs[b]) // 2] for k in ("phase2_s", "first_token_s")}
                for b in runs}
         per_token = ((med[hi]["phase2_s"] - med[hi]["first_token_s"]) - (med[lo]["phase2_s"] - med[lo]["first_token_s"])) / (hi - lo)
         overhead = (med[lo]["phase2_s"] - med[lo]["first_token_s"]) - (lo - 1) * per_token
         out[loop] = dict(ms_per_token=per_token * 1e3, first_token_s=med[lo]["first_token_s"], overhead_s=overhead,
                          graph_used=getattr(engine.decoder, "graphs", False))
-    del cache
+    context.release()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -104,17 +104,17 @@ def profile_static_step(args, model, groups, kv_share: int, steps: int = 8) -> d
 
     dev = groups.device
     query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
-    cache = filled_cache(model, kv_share, args.query + 2 * steps + 4, dev)
+    context = filled_context(model, kv_share, args.query + 2 * steps + 4, dev)
     engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode="static",
                                                    attention_backend=args.backend))
-    time_answer(engine, cache, kv_share, query, 4)
+    time_answer(engine, context, query, 4)
     activities = [ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        time_answer(engine, cache, kv_share, query, 1)  # the query pass alone, subtracted below
+        time_answer(engine, context, query, 1)  # the query pass alone, subtracted below
     base = {e.key: (e.count, e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total)
             for e in prof.key_averages()}
     with profile(activities=activities) as prof:
-        time_answer(engine, cache, kv_share, query, steps + 1)
+        time_answer(engine, context, query, steps + 1)
     rows = []
     for e in prof.key_averages():
         c0, t0 = base.get(e.key, (0, 0.0))
@@ -123,7 +123,7 @@ def profile_static_step(args, model, groups, kv_share: int, steps: int = 8) -> d
         if count > 0 and t > 0:
             rows.append(dict(kernel=e.key[:90], per_step=round(count, 2), ms_per_step=round(t, 4)))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    del cache
+    context.release()
     return dict(busy_ms_per_step=round(sum(r["ms_per_step"] for r in rows), 4),
                 kernels_per_step=round(sum(r["per_step"] for r in rows), 1), top=rows[:25])
 

@@ -23,7 +23,28 @@ from .modes import context_parallel_mode
 from .steps import QueryStep
 
 Tensor = torch.Tensor
-__all__ = ["Engine", "Generation", "NumericalError"]
+__all__ = ["ContextReuse", "EncodedContext", "Engine", "Generation", "NumericalError"]
+
+
+@dataclass
+class EncodedContext:
+    """A context after phase 1 on this host: its KV cache (this host's share of the context) and the slowest
+    host's phase-1 time. Phase 2 only appends after the share, so one encoding answers any number of queries:
+    :meth:`Engine.answer` rolls the cache back to the share first."""
+
+    context_ids: Tensor  # [L] int64, on the CPU: what the cache encodes
+    cache: Optional[KVCache]
+    share: int
+    phase1_s: float
+
+    def matches(self, context_ids: Tensor) -> bool:
+        """Whether this encoding is of ``context_ids`` (the same token ids) and still held."""
+        return (self.cache is not None and self.context_ids.shape == context_ids.shape
+                and torch.equal(self.context_ids, context_ids.cpu()))
+
+    def release(self) -> None:
+        """Free the cache now, whoever still refers to this object."""
+        self.cache = None
 
 
 @dataclass
@@ -33,6 +54,7 @@ class Generation:
     generated_ids: List[int]
     timings: Dict[str, Optional[float]]
     first_step_logits: Optional[Tensor] = None
+    context_reused: bool = False  # phase 1 was skipped: the previous request's context was the same
 
 
 class Engine:
@@ -88,12 +110,20 @@ class Engine:
 
     def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False,
                  tokens_to_generate: Optional[int] = None) -> Generation:
-        """Greedy generation for one request. context_ids [L], query_ids [q] (int64, q >= 1);
-        ``tokens_to_generate`` overrides the config's budget for this request."""
-        g, m = self.groups, self.model
+        """Greedy generation for one request: phase 1, then phase 2. context_ids [L], query_ids [q] (int64,
+        q >= 1); ``tokens_to_generate`` overrides the config's budget for this request."""
         budget = tokens_to_generate or self.inference.tokens_to_generate
-        held = self.context_share(len(context_ids)) + (len(query_ids) + budget if g.is_query_host else 0)
-        cache = KVCache(m.arch.num_layers, reserve=held)
+        context = self.encode(context_ids, room=len(query_ids) + budget)
+        gen = self.answer(context, query_ids, budget, save_logits)
+        gen.timings = {"phase1_s": round(context.phase1_s, 6), **gen.timings}
+        return gen
+
+    def encode(self, context_ids: Tensor, room: int = 0) -> EncodedContext:
+        """Phase 1 of ``context_ids`` [L] into a new cache sized for this host's share, plus ``room`` tokens on
+        the query host (the query and the tokens to generate)."""
+        g, m = self.groups, self.model
+        share = self.context_share(len(context_ids))
+        cache = KVCache(m.arch.num_layers, reserve=share + (room if g.is_query_host else 0))
         n_layers = m.arch.num_layers
         with torch.inference_mode():
             m.runtime.reset_guard(g.device)
@@ -110,15 +140,18 @@ class Engine:
         if bad:
             raise NumericalError(f"non-finite values (NaN/Inf) in the attention output of layer {n_layers - bad} "
                                  "during phase 1 (context encoding)")
-        gen = self.answer(cache, len(context_ids), query_ids, budget, save_logits)
-        gen.timings = {"phase1_s": round(phase1_s, 6), **gen.timings}
-        return gen
+        return EncodedContext(context_ids.cpu(), cache, share, phase1_s)
 
     @torch.inference_mode()
-    def answer(self, cache: KVCache, context_len: int, query_ids: Tensor, budget: int,
+    def answer(self, context: EncodedContext, query_ids: Tensor, budget: int,
                save_logits: bool = False) -> Generation:
-        """Phase 2 over a cache that holds this host's share of a ``context_len``-token context: the query
-        pass (the first token), then the decode loop for up to ``budget - 1`` more."""
+        """Phase 2 over an encoded context: the query pass (the first token), then the decode loop for up to
+        ``budget - 1`` more. The query host's cache is first rolled back to the context (an earlier answer's
+        query and tokens dropped) and given room for this one."""
+        cache, context_len = context.cache, len(context.context_ids)
+        cache.set_length(context.share)
+        if self.groups.is_query_host:
+            cache.reserve(context.share + len(query_ids) + budget)
         g, m = self.groups, self.model
         t0 = time.perf_counter()
         decision = torch.zeros(2, dtype=torch.long, device=g.device)
@@ -141,3 +174,27 @@ class Engine:
             "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else None,
         }
         return Generation(out, timings, logits.cpu() if save_logits and logits is not None else None)
+
+
+class ContextReuse:
+    """Requests in a row over the same context (the same token ids; the settings are the run's) share one
+    phase 1: the first encodes it, the next ones start at phase 2 on the held caches. One context is held at a
+    time: a request over another context releases it before its own phase 1, so memory never holds two."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.held: Optional[EncodedContext] = None
+
+    def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False) -> Generation:
+        """As :meth:`Engine.generate`; ``phase1_s`` is 0 and ``context_reused`` true where phase 1 was skipped."""
+        budget = self.engine.inference.tokens_to_generate
+        reused = self.held is not None and self.held.matches(context_ids)
+        if not reused:
+            if self.held is not None:
+                self.held.release()
+            self.held = None
+            self.held = self.engine.encode(context_ids, room=len(query_ids) + budget)
+        gen = self.engine.answer(self.held, query_ids, budget, save_logits)
+        gen.timings = {"phase1_s": 0.0 if reused else round(self.held.phase1_s, 6), **gen.timings}
+        gen.context_reused = reused
+        return gen

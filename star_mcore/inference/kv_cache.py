@@ -31,17 +31,29 @@ class KVCache:
     def append(self, layer: int, k: Tensor, v: Tensor) -> None:
         n, need = self._len[layer], self._len[layer] + k.shape[2]
         buf = self._k[layer]
-        if buf is None or buf.shape[2] < need:
-            cap = max(need, 2 * buf.shape[2]) if buf is not None else max(need, self._reserve)
-            shape = k.shape[:2] + (cap,) + k.shape[3:]
-            new_k, new_v = k.new_empty(shape), v.new_empty(shape)
-            if buf is not None:
-                new_k[:, :, :n] = self._k[layer][:, :, :n]
-                new_v[:, :, :n] = self._v[layer][:, :, :n]
-            self._k[layer], self._v[layer] = new_k, new_v
+        if buf is None:
+            shape = k.shape[:2] + (max(need, self._reserve),) + k.shape[3:]
+            self._k[layer], self._v[layer] = k.new_empty(shape), v.new_empty(shape)
+        elif buf.shape[2] < need:
+            self._grow(layer, max(need, 2 * buf.shape[2]))
         self._k[layer][:, :, n:need] = k
         self._v[layer][:, :, n:need] = v
         self._len[layer] = need
+
+    def _grow(self, layer: int, capacity: int) -> None:
+        n, old_k, old_v = self._len[layer], self._k[layer], self._v[layer]
+        shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
+        self._k[layer], self._v[layer] = old_k.new_empty(shape), old_v.new_empty(shape)
+        self._k[layer][:, :, :n] = old_k[:, :, :n]
+        self._v[layer][:, :, :n] = old_v[:, :, :n]
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` tokens in all, before a phase whose shapes are static: a smaller buffer moves to one
+        of exactly ``n`` (its tokens kept); layers not yet allocated will start at ``n``."""
+        self._reserve = max(self._reserve, n)
+        for layer, buf in enumerate(self._k):
+            if buf is not None and buf.shape[2] < n:
+                self._grow(layer, n)
 
     def set_length(self, n: int) -> None:
         """Declare ``n`` tokens held in every layer (at most the capacity): the static decode step writes its

@@ -23,7 +23,7 @@ from ..ops.attention import resolve_backend
 from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_parallel, init_process_group,
                                initialize_parallel)
 from ..parallel.watchdog import Watchdog
-from .engine import Engine
+from .engine import ContextReuse, Engine
 from .logs import log
 from .planner import check_fits
 from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
@@ -160,6 +160,7 @@ def run_generation(cfg: RunConfig) -> int:
         if writer is not None and done:
             log(f"resuming: {len(done)} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
+        contexts = ContextReuse(engine)  # consecutive requests over one context: one phase 1
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
                                 inf.tokens_to_generate, inf.apply_chat_template)
@@ -167,7 +168,7 @@ def run_generation(cfg: RunConfig) -> int:
                 continue
             if req.error is None:
                 try:
-                    gen = engine.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
+                    gen = contexts.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
                 except RequestError as e:  # raised the same way on every rank
                     req.error = str(e)
             if req.error is not None:
@@ -180,6 +181,7 @@ def run_generation(cfg: RunConfig) -> int:
                 if gen.first_step_logits is not None:
                     record["first_step_logits"] = gen.first_step_logits.tolist()
                 record.update(gen.timings)
+                record["context_reused"] = gen.context_reused
                 n_ok += 1
             done.add(id_key(req.id))
             if writer is not None:
