@@ -232,3 +232,31 @@ def decode_step_errors(ckpt: str, loops=("eager", "static", "graph")) -> Dict[st
     finally:
         destroy_parallel()
     return errors
+
+
+def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: List[list]) -> dict:
+    """For each variant ({name, mode, block, anchor, decode}): the requests ([context ids, query ids]) answered
+    in a row through ContextReuse, and each alone through Engine.generate: tokens, first-step logits (query
+    host) and the context_reused flags."""
+    from star_mcore.inference.engine import ContextReuse
+
+    groups, model = _setup(ckpt, tp, cp)
+    res: Dict[str, Any] = {}
+    try:
+        for v in variants:
+            eng = Engine(model, groups, InferenceConfig(
+                context_parallel_mode=v["mode"], block_size=v["block"], anchor_size=v["anchor"], tokens_to_generate=5,
+                decode=v["decode"]))
+            reuse = ContextReuse(eng)
+            for how in ("reuse", "alone"):
+                rows = []
+                for ctx, qry in requests:
+                    ids, q = torch.tensor(ctx), torch.tensor(qry)
+                    gen = reuse.generate(ids, q, save_logits=True) if how == "reuse" else eng.generate(ids, q, True)
+                    rows.append({"tokens": gen.generated_ids, "reused": gen.context_reused,
+                                 "phase1_s": gen.timings["phase1_s"],
+                                 "logits": None if gen.first_step_logits is None else gen.first_step_logits.tolist()})
+                res[f"{v['name']}/{how}"] = rows
+    finally:
+        destroy_parallel()
+    return res

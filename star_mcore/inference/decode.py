@@ -95,6 +95,7 @@ class StaticDecode:
 
     def __init__(self, graphs: bool) -> None:
         self.graphs = graphs
+        self.warm = False  # a step ran eagerly on this device: kernels compiled, library handles made
 
     def _no_graph(self, why: str) -> None:
         """One log line per process and reason (rank 0 speaks for all)."""
@@ -147,16 +148,20 @@ class StaticDecode:
         return done
 
     def _replay(self, step, s: StaticState, steps: int) -> int:
-        """The first step runs eagerly on a side stream (CUDA's warm-up before a capture, and real work), then
-        the step is captured and replayed. The host reads each step's stop flag one step late, so the GPU
-        always has the next step queued: after an EOS at most one step more runs, and is discarded."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        if bool(s.stop):
-            return 1
+        """Capture the step and replay it. Before the first capture of this loop object one step runs eagerly on
+        a side stream (CUDA's warm-up: kernels compiled, library handles made; it is the first real step);
+        later requests capture at once. The host reads each step's stop flag one step late, so the GPU always
+        has the next step queued: after an EOS at most one step more runs, and is discarded."""
+        done = 0
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm, done = True, 1
+            if bool(s.stop) or steps == 1:
+                return done
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -164,10 +169,9 @@ class StaticDecode:
         except RuntimeError as e:  # a kernel or collective that cannot be captured here
             self._no_graph(f"the decode step could not be captured ({str(e).splitlines()[0][:200]})")
             self.graphs = False
-            return self._loop(step, s, steps, done=1)
+            return self._loop(step, s, steps, done=done)
         stop_host = torch.zeros(steps + 1, dtype=torch.bool, pin_memory=True)  # [j]: stop flag after step j
         events = {}
-        done = 1
         while done < steps:
             graph.replay()
             done += 1

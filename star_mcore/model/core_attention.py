@@ -1,17 +1,20 @@
 """This project's core attention for Megatron-core's SelfAttention, plugged in through the layer spec.
 
-mcore's SelfAttention does the QKV projection and RoPE, then calls ``core_attention(q, k, v, ...)`` with
-q [sq, b, hq, d] and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). What
-attention means for those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
+mcore's SelfAttention does the QKV projection, then calls ``core_attention(q, k, v, ...)`` with q [sq, b, hq, d]
+and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). RoPE is applied here, with the
+angles the model computed once for the forward pass (:attr:`AttentionRuntime.rope`). What attention means for
+those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
 decided by the inference engine, which sets :attr:`AttentionRuntime.step` before each forward pass.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
+
+from ..ops.rope import apply_rope
 
 Tensor = torch.Tensor
 
@@ -29,6 +32,7 @@ class AttentionRuntime:
 
     def __init__(self, num_layers: int) -> None:
         self.step: Optional[AttentionStep] = None
+        self.rope: Optional[Tuple[Tensor, Tensor]] = None  # cos, sin [s, d/2] of the current forward's positions
         self.num_layers = num_layers
         self.sums: Optional[Tensor] = None
 
@@ -49,7 +53,7 @@ class AttentionRuntime:
 
 
 class StarCoreAttention(MegatronModule):
-    """Core attention that hands post-RoPE q, k, v to the runtime's current step."""
+    """Core attention: RoPE on q and k, then q, k, v to the runtime's current step."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None,
@@ -64,6 +68,8 @@ class StarCoreAttention(MegatronModule):
         if self.runtime.step is None:
             raise RuntimeError("no attention step is set: run the model through star_mcore.inference")
         sq, b = query.shape[:2]
+        cos, sin = self.runtime.rope
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.runtime.step(self.layer_index, q, k, v, self.softmax_scale)
         self.runtime.record(self.layer_index, out)

@@ -13,7 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..ops.rope import inv_frequencies, rotary_angles
+from ..ops.rope import inv_frequencies, rope_cos_sin
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
 from .arch import LlamaArch
@@ -113,11 +113,17 @@ class StarLlama:
             self.runtime.step = None
 
     def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h]."""
+        """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h].
+
+        The rotary angles of ``positions`` are computed once here and applied by the core attention of every
+        layer (mcore's decoder gets none), so a layer rotates q and k in one fused kernel each."""
         ids, positions = ids.to(self.device), positions.to(self.device)
         x = self.gpt.embedding(input_ids=ids[None], position_ids=positions[None])
-        return self.gpt.decoder(hidden_states=x, attention_mask=None,
-                                rotary_pos_emb=rotary_angles(positions, self.inv_freq))
+        self.runtime.rope = rope_cos_sin(positions, self.inv_freq)
+        try:
+            return self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=None)
+        finally:
+            self.runtime.rope = None
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [s, 1, h] -> float32 logits [s, vocab] (padding rows dropped)."""

@@ -13,11 +13,12 @@ step's own token is written into the buffer before the call.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from .triton_support import triton_available
 
 Tensor = torch.Tensor
 DecodeKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tuple[Tensor, Tensor]]
@@ -66,15 +67,6 @@ def split_kv_decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor,
     parts, lses = tk.split_kv_attention(qf, k, v, kv_len, scale, splits)
     out, lse = tk.merge_rows(parts.reshape(splits, -1, q.shape[-1]), lses.reshape(splits, -1))
     return _unfold(out, lse, q)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_decode_kernel(device: torch.device, name: Optional[str] = None) -> DecodeKernel:

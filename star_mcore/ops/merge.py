@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-from .decode_attention import triton_available
+from .triton_support import triton_available
 
 Tensor = torch.Tensor
 

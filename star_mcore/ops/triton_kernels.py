@@ -73,9 +73,9 @@ def _split_kv_kernel(Q, K, V, LEN, O, L,
 
 
 @triton.jit
-def _merge_kernel(O, L, OUT, LSE, N, R, so_n, so_r, sl_n, sl_r,
+def _merge_kernel(O, L, OUT, LSE, N, so_n, so_r, sl_n, sl_r,
                   HEAD_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program r: row r of n partials -> its merged out and lse (all float32)."""
+    """Program r: row r of the n partials -> its merged out and lse (float32); all n partials in one tile."""
     r = tl.program_id(0)
     rs = tl.arange(0, BLOCK_S)
     rd = tl.arange(0, BLOCK_D)
@@ -84,14 +84,46 @@ def _merge_kernel(O, L, OUT, LSE, N, R, so_n, so_r, sl_n, sl_r,
     m = tl.where(m == -float("inf"), 0.0, m)  # every partial empty: keep exp finite
     w = tl.exp(lses - m)
     total = tl.sum(w, 0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(0, N):
-        wi = tl.sum(tl.where(rs == i, w, 0.0), 0)
-        o = tl.load(O + i * so_n + r * so_r + rd, mask=rd < HEAD_D, other=0.0).to(tl.float32)
-        acc += wi * o
-    out = acc / tl.maximum(total, 1.1754943508222875e-38)
+    o = tl.load(O + rs[:, None] * so_n + r * so_r + rd[None, :], mask=(rs[:, None] < N) & (rd[None, :] < HEAD_D),
+                other=0.0).to(tl.float32)
+    out = tl.sum(w[:, None] * o, 0) / tl.maximum(total, 1.1754943508222875e-38)
     tl.store(OUT + r * HEAD_D + rd, out, mask=rd < HEAD_D)
     tl.store(LSE + r, m + tl.log(total))
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, OUT, R, BH, H, sx_s, sx_b, sx_h, sc,
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows r = (t, b, h) of x [s, b, h, d], BLOCK_R per program; out is contiguous [s, b, h, d]."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_H)
+    rmask = r < R
+    mask = rmask[:, None] & (c[None, :] < HALF)
+    t = r // BH
+    bi = (r % BH) // H
+    hi = r % H
+    base = t * sx_s + bi * sx_b + hi * sx_h
+    x1 = tl.load(X + base[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + base[:, None] + HALF + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(COS + t[:, None] * sc + c[None, :], mask=mask, other=0.0)
+    sin = tl.load(SIN + t[:, None] * sc + c[None, :], mask=mask, other=0.0)
+    o = OUT + r[:, None] * (2 * HALF) + c[None, :]
+    tl.store(o, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+
+
+def rope_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [s, b, h, d] (last dim contiguous), cos, sin [s, d // 2] float32 (contiguous) -> rotated x, contiguous."""
+    s, b, h, d = x.shape
+    out = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
+    rows = s * b * h
+    if rows == 0:
+        return out
+    block_r = 16
+    _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, out, rows, b * h, h, x.stride(0), x.stride(1),
+                                               x.stride(2), cos.stride(0), HALF=d // 2, BLOCK_R=block_r,
+                                               BLOCK_H=_pow2(d // 2, 16))
+    return out
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -135,9 +167,9 @@ def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
         raise ValueError("merge_rows needs the head dimension contiguous")
     out = torch.empty(r, d, dtype=torch.float32, device=outs.device)
     lse = torch.empty(r, dtype=torch.float32, device=outs.device)
-    _merge_kernel[(r,)](outs, lses, out, lse, n, r, outs.stride(0), outs.stride(1), lses.stride(0), lses.stride(1),
+    _merge_kernel[(r,)](outs, lses, out, lse, n, outs.stride(0), outs.stride(1), lses.stride(0), lses.stride(1),
                         HEAD_D=d, BLOCK_S=_pow2(n, 2), BLOCK_D=_pow2(d, 16))
     return out, lse
 
 
-__all__ = ["split_kv_attention", "merge_rows", "num_splits"]
+__all__ = ["split_kv_attention", "merge_rows", "num_splits", "rope_rotate"]

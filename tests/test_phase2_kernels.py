@@ -1,7 +1,8 @@
-"""Phase 2's decode kernels: a fixed KV buffer, its valid length a device tensor. The masked torch kernel
+"""Phase 2's kernels. The decode kernels (a fixed KV buffer, its valid length a device tensor): the masked torch
 and the Triton split-KV kernel (run by Triton's interpreter on CPU, conftest sets TRITON_INTERPRET) against
-a float64 softmax over exactly the valid keys; the fused merge against the torch merge. (bf16 is checked on
-the GPU, tests/test_gpu.py: the interpreter does not model bf16.)"""
+a float64 softmax over exactly the valid keys; the fused merge against the torch merge; the fused RoPE against
+the rotate-half formula. On a GPU machine the same tests run compiled on CUDA; bf16 is checked there
+(tests/test_gpu.py): the interpreter does not model bf16."""
 
 from __future__ import annotations
 
@@ -94,3 +95,23 @@ def test_resolve_decode_kernel():
     assert resolve_decode_kernel(torch.device("cpu")) is masked_decode_attention
     with pytest.raises(ValueError, match="unknown decode kernel"):
         resolve_decode_kernel(torch.device("cpu"), "fast")
+
+
+@needs_triton
+@pytest.mark.parametrize("s,h,d", [(1, 32, 128), (37, 9, 64), (5, 3, 24)])
+def test_fused_rope_equals_the_rotate_half_formula(s, h, d):
+    """The Triton RoPE on q as mcore hands it over (a strided view into the fused QKV projection) against the
+    rotate-half formula in float64; positions far apart (large angles)."""
+    from star_mcore.ops.rope import inv_frequencies, rope_cos_sin
+    from star_mcore.ops.triton_kernels import rope_rotate
+
+    g = torch.Generator().manual_seed(s + h)
+    qkv = torch.randn(s, 1, h + 2, d, generator=g).to(DEV)
+    x = qkv[:, :, :h]  # not contiguous over heads, like mcore's query
+    pos = torch.randint(0, 1 << 17, (s,), generator=g)
+    cos, sin = rope_cos_sin(pos, inv_frequencies(d, 500000.0).to(DEV))
+    out = rope_rotate(x, cos, sin)
+    xd, c, si = x.double(), cos.double()[:, None, None, :], sin.double()[:, None, None, :]
+    ref = torch.cat([xd[..., : d // 2] * c - xd[..., d // 2:] * si, xd[..., d // 2:] * c + xd[..., : d // 2] * si], -1)
+    assert out.is_contiguous() and out.shape == x.shape
+    assert (out.double() - ref).abs().max() < 1e-5
