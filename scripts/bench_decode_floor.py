@@ -73,10 +73,10 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
     """Per-token decode cost (slope between two budgets, median of reps) for the graph and eager loops."""
     dev = groups.device
     query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
-    lo, hi = args.budgets
-    context = filled_context(model, kv_share, args.query + hi, dev)
+    context = filled_context(model, kv_share, args.query + max(args.budgets + args.eager_budgets), dev)
     out = {}
     for loop in args.loops:
+        lo, hi = args.eager_budgets if loop == "eager" else args.budgets
         engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=loop,
                                                        attention_backend=args.backend))
         time_answer(engine, context, query, lo)  # warm-up: kernels compiled, allocator primed
@@ -165,27 +165,30 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto", help="the query pass's (and eager decode's) attention backend")
-    ap.add_argument("--cases", default="llama3.1-8b:32:32768,llama3.1-8b:32:131072,llama3.1-70b:56:32768,"
-                    "llama3.1-70b:56:131072", help="shape:layers:context, comma separated (70B: 56 layers fit)")
+    ap.add_argument("--cases", default="llama3.1-8b:32:32768,llama3.1-8b:32:131072,llama3.1-70b:48:32768,"
+                    "llama3.1-70b:48:131072", help="shape:layers:context, comma separated (70B: 48 of 80 layers fit)")
     ap.add_argument("--hosts", type=int, default=8, help="the second kv_share is context / hosts")
     ap.add_argument("--loops", default="graph,eager")
     ap.add_argument("--query", type=int, default=32)
     ap.add_argument("--budgets", default="16,80", help="two token budgets; per-token cost is their slope")
+    ap.add_argument("--eager-budgets", default="4,12", help="the same for the (slow) eager loop")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf", default="", help="shapes to also run in HF transformers (static cache + torch.compile)")
     ap.add_argument("--profile", action="store_true", help="kernel breakdown of the static step (first case)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
-        args.cases, args.budgets, args.reps, args.query = "tiny:2:256,tiny:2:512", "3,6", 1, 4
+        args.cases, args.budgets, args.eager_budgets, args.reps, args.query = "tiny:2:256,tiny:2:512", "3,6", "3,6", 1, 4
     args.loops = args.loops.split(",")
     args.budgets = [int(x) for x in args.budgets.split(",")]
+    args.eager_budgets = [int(x) for x in args.eager_budgets.split(",")]
     benchlib.env_flags()
     groups = benchlib.setup(benchlib.device_kind(args.device))
     dev = groups.device
     bw = bandwidth(dev)
     payload = {"hardware": dict(benchlib.hardware(), copy_bandwidth_gb_s=round(bw / 1e9, 1)),
-               "loops": args.loops, "budgets": args.budgets, "query_tokens": args.query, "rows": []}
+               "loops": args.loops, "budgets": args.budgets, "eager_budgets": args.eager_budgets,
+               "query_tokens": args.query, "rows": []}
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     built, model = None, None
     for case in args.cases.split(","):
