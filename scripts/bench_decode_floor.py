@@ -89,7 +89,7 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
         per_token = ((med[hi]["phase2_s"] - med[hi]["first_token_s"]) - (med[lo]["phase2_s"] - med[lo]["first_token_s"])) / (hi - lo)
         overhead = (med[lo]["phase2_s"] - med[lo]["first_token_s"]) - (lo - 1) * per_token
         out[loop] = dict(ms_per_token=per_token * 1e3, first_token_s=med[lo]["first_token_s"], overhead_s=overhead,
-                         graph_used=getattr(engine.decoder, "graphs", False))
+                         graph_used=getattr(engine.decoder, "replayed", False))
     context.release()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

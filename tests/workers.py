@@ -205,7 +205,7 @@ def decode_loops(ckpt: str, tp: int, cp: int, cases: List[dict], loops=("eager",
                 gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]))
                 res[f"{c['name']}/{loop}"] = {"tokens": gen.generated_ids,
                                               "logits": [x.tolist() for x in eng.step_logits],
-                                              "graphs": getattr(eng.decoder, "graphs", False)}
+                                              "graphs": getattr(eng.decoder, "replayed", False)}
     finally:
         destroy_parallel()
     return res

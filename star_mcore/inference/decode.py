@@ -96,6 +96,7 @@ class StaticDecode:
     def __init__(self, graphs: bool) -> None:
         self.graphs = graphs
         self.warm = False  # a step ran eagerly on this device: kernels compiled, library handles made
+        self.replayed = False  # the last request's steps were replayed from a graph
 
     def _no_graph(self, why: str) -> None:
         """One log line per process and reason (rank 0 speaks for all)."""
@@ -131,6 +132,7 @@ class StaticDecode:
         if use_graph and dev.type != "cuda":
             self._no_graph(f"CUDA graphs need a CUDA device (this run is on {dev.type})")
             use_graph = False
+        self.replayed = False
         with m.attending(StaticQueryStep(engine.decode_kernel, cache, g.cp, s.attend_len, s.write_at)):
             done = self._replay(step, s, steps) if use_graph else self._loop(step, s, steps)
         out = _keep(s.rows[:done].tolist(), engine)
@@ -170,6 +172,7 @@ class StaticDecode:
             self._no_graph(f"the decode step could not be captured ({str(e).splitlines()[0][:200]})")
             self.graphs = False
             return self._loop(step, s, steps, done=done)
+        self.replayed = True
         stop_host = torch.zeros(steps + 1, dtype=torch.bool, pin_memory=True)  # [j]: stop flag after step j
         events = {}
         while done < steps:
