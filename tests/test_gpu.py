@@ -143,8 +143,11 @@ def _loop_cases(n_ctx, seed, n=12):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graph_replay_gives_the_eager_tokens(long_ckpt, precision):
-    """On the GPU the decode step is captured once and replayed: the same tokens as the static step run
-    without a graph (the same kernels) and as the eager step (another kernel), in fp32 and in bf16."""
+    """On the GPU the decode step is captured once and replayed: exactly the tokens of the same static step run
+    without a graph (the same kernels), and in fp32 those of the eager step (another kernel). In bf16 the two
+    kernels round differently, so greedy decoding of a random model may part where its top two logits are
+    within rounding of each other: the tokens must agree up to such a step, and at it the graph's token must be
+    one of eager's near-tied best (measured on the eager step's own logits)."""
     from distributed import run_world
     from workers import decode_loops
 
@@ -155,4 +158,13 @@ def test_graph_replay_gives_the_eager_tokens(long_ckpt, precision):
         assert graph["graphs"], "the graph loop fell back to running without a graph"
         assert len(graph["tokens"]) == c["n"]
         assert graph["tokens"] == static["tokens"]
-        assert graph["tokens"] == eager["tokens"], (c["name"], graph["tokens"], eager["tokens"])
+        if precision == "fp32":
+            assert graph["tokens"] == eager["tokens"]
+            continue
+        diverged = [i for i, (a, b) in enumerate(zip(graph["tokens"], eager["tokens"])) if a != b]
+        if diverged:
+            i = diverged[0]
+            assert i >= 1, "the first token comes from the same query pass"
+            logits = torch.tensor(eager["logits"][i])  # the logits eager chose token i from
+            gap = (logits[eager["tokens"][i]] - logits[graph["tokens"][i]]).item()
+            assert 0 <= gap <= 0.05 * (1 + logits.abs().max().item()), (c["name"], i, gap)
