@@ -12,7 +12,9 @@ from star_mcore.config import InferenceConfig
 from star_mcore.inference.engine import Engine, NumericalError
 from star_mcore.inference.kv_cache import KVCache
 from star_mcore.inference.steps import EncodeSegment
-from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
+from star_mcore.model.arch import LlamaArch
+from star_mcore.model.hf_checkpoint import load_hf_llama
+from star_mcore.model.llama import StarLlama
 from star_mcore.ops import math_attention
 from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
 
