@@ -90,7 +90,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
             kv_pairs: List[dict] = (), accelerator: str = "cpu") -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step
+      logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_report)
     p = sub.add_parser("plan", help="estimate per-GPU memory (weights, KV cache, activations) of a run")
     _config_args(p)
-    p.add_argument("--context-len", type=int, default=0, help="default: the input's longest request, else max positions")
+    p.add_argument("--context-len", type=int, default=0,
+                   help="default: the input's longest request, else max positions")
     p.add_argument("--query-len", type=int, default=64)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("config", help="print the resolved config")

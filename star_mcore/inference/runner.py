@@ -9,9 +9,8 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator
 
-import torch
 import torch.distributed as dist
 
 from ..config import RunConfig

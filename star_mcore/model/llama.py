@@ -9,7 +9,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..mcore_compat import ModuleSpec, TransformerConfig, get_gpt_layer_local_spec, make_gpt_model, make_transformer_config
+from ..mcore_compat import (ModuleSpec, TransformerConfig, get_gpt_layer_local_spec, make_gpt_model,
+                            make_transformer_config)
 from ..ops.rope import inv_frequencies, rope_cos_sin
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
