@@ -16,7 +16,7 @@ from star_mcore.model.arch import LlamaArch
 from star_mcore.model.hf_checkpoint import load_hf_llama
 from star_mcore.model.llama import StarLlama
 from star_mcore.ops import math_attention
-from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
+from star_mcore.parallel.groups import destroy_parallel, init_process_group, initialize_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_e2e import star_phase2_error  # noqa: E402
@@ -101,7 +101,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
     try:
         for c in cases:
             eng = Engine(model, groups, InferenceConfig(
-                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=c["n"],
+                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+                tokens_to_generate=c["n"],
                 attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
                 partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
@@ -127,8 +128,8 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     and agree to fp32 rounding. Returns {tokens held, max |difference|}."""
     caches = {}
     for mode in ("shared", "recompute"):
-        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=1,
-                                                    anchor_mode=mode, partition=c["partition"]))
+        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"],
+                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
         caches[mode] = KVCache(model.arch.num_layers)
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)
