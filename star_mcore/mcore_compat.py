@@ -11,8 +11,9 @@ those, are dropped while the imports below run. Other warnings pass.
 Differences between releases:
 
 - ``TransformerConfig``'s ``cuda_graph_scope`` is ``cuda_graph_modules`` from 0.19 on; under either name the
-  default (``"full"``) is deprecated and warns for every config. No CUDA graphs are captured here: the empty
-  list is passed, under the name the installed release has (:func:`make_transformer_config`).
+  default (``"full"``) is deprecated and warns for every config. mcore's CUDA-graph support is not used (the
+  decode loop captures its own graph with torch): the empty list is passed, under the name the installed
+  release has (:func:`make_transformer_config`).
 - 0.19 logs that ``GPTModel`` is deprecated in favour of ``HybridModel`` each time one is built. GPTModel is
   kept, deliberately: it is in every supported release with the same interface and the same parameter names,
   and it is mcore's model that offers Llama-3.1 RoPE scaling (``HybridModel`` in 0.19.2 builds plain or YaRN
