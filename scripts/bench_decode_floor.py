@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
-        args.cases, args.budgets, args.eager_budgets, args.reps, args.query = "tiny:2:256,tiny:2:512", "3,6", "3,6", 1, 4
+        args.cases, args.budgets, args.eager_budgets = "tiny:2:256,tiny:2:512", "3,6", "3,6"
+        args.reps, args.query = 1, 4
     args.loops = args.loops.split(",")
     args.budgets = [int(x) for x in args.budgets.split(",")]
     args.eager_budgets = [int(x) for x in args.eager_budgets.split(",")]

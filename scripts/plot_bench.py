@@ -92,8 +92,8 @@ def decode_floor(bench: Path) -> None:
     if not path.exists():
         return
     rows = json.loads(path.read_text())["rows"]
-    labels = [f"{r['shape'].replace('llama3.1-', '')} x{r['layers']}\nctx {r['context'] // 1024}K\nKV {r['kv_share'] // 1024}K"
-              for r in rows]
+    labels = [f"{r['shape'].replace('llama3.1-', '')} x{r['layers']}\nctx {r['context'] // 1024}K\n"
+              f"KV {r['kv_share'] // 1024}K" for r in rows]
     series = [("floor", "floor_ms_per_token", "#999999"), ("graph (this)", "decode_ms_per_token", "#1f77b4"),
               ("HF static + compile", "hf_static_compiled_ms_per_token", "#2ca02c"),
               ("eager (before)", "eager_ms_per_token", "#d62728")]
