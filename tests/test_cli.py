@@ -55,7 +55,8 @@ def requests_file(tmp_path_factory):
 def _run_mode(gqa_ckpt, requests_file, tmp_path, nproc, overrides):
     out = tmp_path / "out.jsonl"
     res = torchrun(nproc, [f"checkpoint.hf_path={gqa_ckpt}", f"inference.input_path={requests_file}",
-                           f"inference.output_path={out}", "inference.tokens_to_generate=5", "inference.save_logits=true",
+                           f"inference.output_path={out}", "inference.tokens_to_generate=5",
+                           "inference.save_logits=true",
                            "inference.block_size=16", "inference.anchor_size=16", *overrides])
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
@@ -69,7 +70,8 @@ def outputs(gqa_ckpt, requests_file, tmp_path_factory):
                      "model.tensor_model_parallel_size=2"]),
         "star": (4, ["inference.context_parallel_mode=star", "model.context_parallel_size=4"]),
     }
-    return {name: _run_mode(gqa_ckpt, requests_file, tmp_path_factory.mktemp(name), n, o) for name, (n, o) in runs.items()}
+    return {name: _run_mode(gqa_ckpt, requests_file, tmp_path_factory.mktemp(name), n, o)
+            for name, (n, o) in runs.items()}
 
 
 @pytest.mark.parametrize("mode", ["none", "ring", "star"])
@@ -89,7 +91,8 @@ def test_every_request_gets_a_line_in_order(outputs, mode):
 
 
 def test_ring_and_none_match_hf_through_the_cli(outputs, requests_file, gqa_ckpt):
-    reqs = {r.get("id"): r for r in map(json.loads, [x for x in requests_file.read_text().splitlines() if x.startswith("{\"")])}
+    lines = [x for x in requests_file.read_text().splitlines() if x.startswith("{\"")]
+    reqs = {r.get("id"): r for r in map(json.loads, lines)}
     for rid in ("a", "b"):
         tokens, logits = global_generate(gqa_ckpt, reqs[rid]["context_ids"], reqs[rid]["query_ids"], 5)
         for mode in ("none", "ring"):
@@ -123,7 +126,8 @@ def test_a_kernel_that_cannot_run_here_is_refused_before_loading(gqa_ckpt, reque
     ckpt.mkdir()
     (ckpt / "config.json").write_text((Path(gqa_ckpt) / "config.json").read_text())
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
-    res = star_mcore("generate", "--config", CONFIG, f"checkpoint.hf_path={ckpt}", f"inference.input_path={requests_file}",
+    res = star_mcore("generate", "--config", CONFIG, f"checkpoint.hf_path={ckpt}",
+                     f"inference.input_path={requests_file}",
                      f"inference.output_path={tmp_path / 'o.jsonl'}", "model.context_parallel_size=1",
                      "inference.attention_backend=sdpa_cudnn")
     assert res.returncode == 2

@@ -86,7 +86,8 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
 
     def copy(dst: Tensor, value: Tensor, name: str) -> None:
         if dst.shape != value.shape:
-            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, model expects {tuple(dst.shape)}")
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, "
+                             f"model expects {tuple(dst.shape)}")
         dst.copy_(value)
 
     def put(name: str, value: Tensor) -> None:
@@ -132,7 +133,8 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
         put(dst + "mlp.linear_fc2.weight", reader.read(src + "mlp.down_proj.weight", cols=(f0, f1)))
 
     put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
-    head = "lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader) else "model.embed_tokens.weight"
+    head = ("lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader)
+            else "model.embed_tokens.weight")
     put_vocab_rows("output_layer.weight", head)
 
     missing = sorted(set(params) - set(loaded))
