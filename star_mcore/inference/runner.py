@@ -25,7 +25,7 @@ from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_
 from ..parallel.watchdog import Watchdog
 from .engine import Engine, EngineSettings
 from .planner import check_fits
-from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
+from .requests import IdTracker, RequestError, ResultWriter, Tokenizer, parse_request, read_lines
 
 
 def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
@@ -40,6 +40,8 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
     if not any(ckpt.glob("*.safetensors")):
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
+    if cfg.inference.apply_chat_template and not Tokenizer(str(ckpt)).has_chat_template():
+        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {ckpt} has no chat template")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched and world != tp * cp:
@@ -121,7 +123,7 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
             mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
             tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
             eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
-        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path),
+        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template),
                       writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
         _fail(watchdog, rank, e)
@@ -132,14 +134,11 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
 
 def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
     """(context, query) tokens of the input's longest valid request, for the memory planner."""
-    tok = Tokenizer(cfg.checkpoint.hf_path)
-    if cfg.inference.apply_chat_template and not tok.has_chat_template():
-        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {cfg.checkpoint.hf_path} has no "
-                       "chat template")
+    tok = Tokenizer(cfg.checkpoint.hf_path, chat=cfg.inference.apply_chat_template)
     best = None
     for line_no, line in read_lines(cfg.inference.input_path):
         req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
-                            cfg.inference.tokens_to_generate, cfg.inference.apply_chat_template)
+                            cfg.inference.tokens_to_generate)
         if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
             best = (len(req.context_ids), len(req.query_ids))
     return best
@@ -160,20 +159,21 @@ def run_generation(cfg: RunConfig) -> int:
         check_fits(cfg, arch, *longest)
     with open_session(cfg, arch) as s:
         tokenizer, engine = s.tokenizer, s.engine
-        done = finished_ids(inf.output_path)  # every rank reads it before the writer appends: same skips
+        ids = IdTracker(inf.output_path)  # every rank reads it before the writer appends: same skips
         dist.barrier()
         writer = ResultWriter(inf.output_path) if s.writer else None
-        if writer is not None and done:
-            log(f"resuming: {len(done)} request(s) already in {inf.output_path} are skipped")
+        if writer is not None and ids.finished:
+            log(f"resuming: {ids.finished} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
-                                inf.tokens_to_generate, inf.apply_chat_template)
-            if id_key(req.id) in done:
+                                inf.tokens_to_generate)
+            if not ids.admit(req, line_no):
                 continue
             if req.error is None:
                 try:
-                    gen = engine.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
+                    gen = engine.generate(torch.tensor(req.context_ids), torch.tensor(req.query_ids),
+                                          save_logits=inf.save_logits)
                 except RequestError as e:  # raised the same way on every rank
                     req.error = str(e)
             if req.error is not None:
@@ -187,7 +187,6 @@ def run_generation(cfg: RunConfig) -> int:
                     record["first_step_logits"] = gen.first_step_logits.tolist()
                 record.update(gen.timings)
                 n_ok += 1
-            done.add(id_key(req.id))
             if writer is not None:
                 writer.write(record)
                 log(f"request {req.id}: " + (f"error: {req.error}" if req.error else
