@@ -64,8 +64,8 @@ def main() -> None:
                 pos = torch.tensor([n], device=dev)
 
                 def step():
-                    model.runtime.step = HostDecode(attn, kv[0], kv[1], p)
-                    model.hidden(ids, pos)
+                    with model.attending(HostDecode(attn, kv[0], kv[1], p)):
+                        model.hidden(ids, pos)
 
                 q = torch.randn(1, hq, 1, d, device=dev, dtype=model.dtype)
                 o, l = attend(attn, q, kv[0], kv[1])

@@ -39,7 +39,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from star_mcore.inference.engine import Engine, EngineSettings  # noqa: E402
+from star_mcore.config import InferenceConfig  # noqa: E402
+from star_mcore.inference.engine import Engine  # noqa: E402
+from star_mcore.inference.modes import GlobalAttention, StarAttention, context_parallel_mode  # noqa: E402
 from star_mcore.inference.kv_cache import KVCache  # noqa: E402
 from star_mcore.inference.steps import QueryStep  # noqa: E402
 from star_mcore.parallel.groups import (  # noqa: E402
@@ -67,6 +69,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of every setting at the first length")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--decode", default="graph", choices=["graph", "static", "eager"], help="inference.decode")
     ap.add_argument("--none-max", type=int, default=0, help="skip the none reference above this context (0: never)")
     ap.add_argument("--check-max", type=int, default=131072,
                     help="star phase-2 exactness check up to this context (0: never; it gathers all hosts' KV)")
@@ -170,14 +173,10 @@ def star_phase2_error(engine: Engine, ctx: torch.Tensor, qry: torch.Tensor) -> f
     """Star phase 1, then one phase-2 pass of the query under :class:`GlobalCheck`; max error over all ranks."""
     g, m = engine.groups, engine.model
     cache = KVCache(m.arch.num_layers, reserve=engine.context_share(len(ctx)) + len(qry))
-    try:
-        engine.prefill(ctx, cache)
-        check = GlobalCheck(QueryStep(engine.attn, cache, g.cp, g.is_query_host), cache, g, len(ctx))
-        with torch.inference_mode():
-            m.runtime.step = check
-            m.hidden(qry, torch.arange(len(ctx), len(ctx) + len(qry)))
-    finally:
-        m.runtime.step = None
+    engine.prefill(ctx, cache)
+    check = GlobalCheck(QueryStep(engine.attn, cache, g.cp, g.is_query_host), cache, g, len(ctx))
+    with torch.inference_mode(), m.attending(check):
+        m.hidden(qry, torch.arange(len(ctx), len(ctx) + len(qry)))
     return reduce_max([check.worst], g.device)[0]
 
 
@@ -185,20 +184,27 @@ def star_phase2_error(engine: Engine, ctx: torch.Tensor, qry: torch.Tensor) -> f
 
 
 def settings_for(args, n: int, cp: int) -> List[dict]:
+    """The settings of one context length: each a row's labels plus the ``inference`` config it runs."""
     block = -(-n // cp)
+    common = dict(tokens_to_generate=args.new_tokens, attention_backend=args.backend, decode=args.decode)
     out = []
     for mode in args.modes:
         if mode == "none":
             if not args.none_max or n <= args.none_max:
-                out.append(dict(mode="none", block=n, anchor=0, anchor_fraction=None, partition=None, anchor_mode=None))
+                out.append(dict(mode="none", block=n, anchor=0, anchor_fraction=None, partition=None, anchor_mode=None,
+                                inference=InferenceConfig(context_parallel_mode="none", **common)))
         elif mode == "ring":
-            out.append(dict(mode="ring", block=block, anchor=0, anchor_fraction=None, partition=None, anchor_mode=None))
+            out.append(dict(mode="ring", block=block, anchor=0, anchor_fraction=None, partition=None, anchor_mode=None,
+                            inference=InferenceConfig(context_parallel_mode="ring", **common)))
         else:
             for am in args.anchor_modes:
                 for part in args.partitions:
                     for f in args.anchors:
-                        out.append(dict(mode="star", block=block, anchor=max(1, block // f), anchor_fraction=f,
-                                        partition=part, anchor_mode=am))
+                        a = max(1, block // f)
+                        out.append(dict(mode="star", block=block, anchor=a, anchor_fraction=f, partition=part,
+                                        anchor_mode=am, inference=InferenceConfig(
+                                            context_parallel_mode="star", block_size=block, anchor_size=a,
+                                            anchor_mode=am, partition=part, **common)))
     return out
 
 
@@ -245,7 +251,7 @@ def main(argv=None) -> None:
     model = benchlib.layer_model(args.shape, groups, args.precision, seed=1000 + groups.tp_rank, layers=layers,
                                  vocab=vocab)
     payload = dict(hardware=benchlib.hardware(), world=world, tp=args.tp, cp=cp, shape=args.shape, shape_dims=shape,
-                   layers=layers, vocab=vocab, precision=args.precision, backend=args.backend, device=kind,
+                   layers=layers, vocab=vocab, precision=args.precision, backend=args.backend, decode=args.decode, device=kind,
                    query_tokens=args.query, new_tokens=args.new_tokens, reps=args.reps,
                    nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"), complete=False, rows=[])
     for li, n in enumerate(args.lengths):
@@ -254,25 +260,23 @@ def main(argv=None) -> None:
         qry = torch.randint(0, vocab, (args.query,), generator=gen)
         ref: Optional[dict] = None
         for s in settings_for(args, n, cp):
-            g = alone if s["mode"] == "none" else groups
-            engine = Engine(model, g, EngineSettings(
-                mode=s["mode"], block_size=s["block"], anchor_size=s["anchor"], tokens_to_generate=args.new_tokens,
-                attention_backend=args.backend, anchor_mode=s["anchor_mode"] or "shared",
-                partition=s["partition"] or "uniform"))
+            inference = s.pop("inference")
+            reference = isinstance(context_parallel_mode(inference), GlobalAttention)  # runs alone on every host
+            engine = Engine(model, alone if reference else groups, inference)
             r = run_setting(engine, ctx, qry, args.reps, args.warmup if li == 0 else 0)
-            if s["mode"] == "none":
+            if reference:
                 ref = r
             row: Dict[str, object] = dict(context=n, **s, phase1_s=r["phase1_s"],
                                           phase1_ms_per_layer=r["phase1_s"] / layers * 1e3, phase2_s=r["phase2_s"],
                                           first_token_s=r["first_token_s"],
                                           decode_ms_per_token=r["decode_ms_per_token"], samples=r["samples"])
-            if ref is not None and s["mode"] != "none":
+            if ref is not None and not reference:
                 # first_step_logits: on the query host of this setting's groups (none: every rank).
-                d = (r["logits"] - ref["logits"]).abs().max().item() if g.is_query_host else -1.0
+                d = (r["logits"] - ref["logits"]).abs().max().item() if engine.groups.is_query_host else -1.0
                 row.update(max_dlogit_vs_none=reduce_max([d], device)[0],
                            tokens_equal_none=r["tokens"] == ref["tokens"],
                            first_token_equal_none=r["tokens"][:1] == ref["tokens"][:1])
-            if s["mode"] == "star" and args.check_max and n <= args.check_max:
+            if isinstance(engine.mode, StarAttention) and args.check_max and n <= args.check_max:
                 row["phase2_exact_err"] = star_phase2_error(engine, ctx, qry)
             row["tokens"] = r["tokens"]
             if device.type == "cuda":

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from star_mcore.config import load_config  # noqa: E402
-from star_mcore.inference.engine import Engine, EngineSettings  # noqa: E402
+from star_mcore.config import InferenceConfig  # noqa: E402
+from star_mcore.inference.engine import Engine  # noqa: E402
 from star_mcore.inference.planner import plan  # noqa: E402
 from star_mcore.model.arch import LlamaArch  # noqa: E402
 
@@ -65,9 +66,9 @@ def main() -> None:
             model = benchlib.layer_model(shape, groups, "bf16", layers=layers,
                                          vocab=128256 if shape != "tiny" else 1000)
             built = (shape, layers)
-        engine = Engine(model, groups, EngineSettings(mode=mode, block_size=block or n, anchor_size=anchor,
-                                                      tokens_to_generate=NEW, attention_backend=args.backend,
-                                                      anchor_mode=anchor_mode))
+        engine = Engine(model, groups, InferenceConfig(
+            context_parallel_mode=mode, block_size=block or n, anchor_size=anchor, tokens_to_generate=NEW,
+            attention_backend=args.backend, anchor_mode=anchor_mode))
         g = torch.Generator().manual_seed(n)
         ctx = torch.randint(0, model.arch.vocab_size, (n,), generator=g).to(dev)
         qry = torch.randint(0, model.arch.vocab_size, (QUERY,), generator=g).to(dev)

@@ -81,8 +81,8 @@ def main() -> None:
                 pos = torch.arange(n_tokens, device=dev)
 
                 def fn():
-                    model.runtime.step = make_step(KVCache(1))
-                    model.hidden(ids, pos)
+                    with model.attending(make_step(KVCache(1))):
+                        model.hidden(ids, pos)
 
                 try:
                     with torch.inference_mode():

@@ -84,6 +84,32 @@ def decode(bench: Path) -> None:
     fig.savefig(bench / "decode.png", dpi=110)
 
 
+def decode_floor(bench: Path) -> None:
+    """Phase 2 per token: the graph loop, the eager loop, HF compiled and the memory floor, per case."""
+    path = bench / "decode_floor.json"
+    if not path.exists():
+        return
+    rows = json.loads(path.read_text())["rows"]
+    labels = [f"{r['shape'].replace('llama3.1-', '')} x{r['layers']}\nctx {r['context'] // 1024}K\nKV {r['kv_share'] // 1024}K"
+              for r in rows]
+    series = [("floor", "floor_ms_per_token", "#999999"), ("graph (this)", "decode_ms_per_token", "#1f77b4"),
+              ("HF static + compile", "hf_static_compiled_ms_per_token", "#2ca02c"),
+              ("eager (before)", "eager_ms_per_token", "#d62728")]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.6))
+    width = 0.2
+    for i, (name, key, color) in enumerate(series):
+        xs = [j + (i - 1.5) * width for j, r in enumerate(rows) if r.get(key) is not None]
+        ys = [r[key] for r in rows if r.get(key) is not None]
+        ax.bar(xs, ys, width, label=name, color=color)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title("phase 2 decode on one GPU (bf16, random weights)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(bench / "decode_floor.png", dpi=110)
+
+
 def load_memory(bench: Path) -> None:
     d = json.loads((bench / "load_memory.json").read_text())
     names = list(d["checkpoints"])
@@ -142,6 +168,7 @@ if __name__ == "__main__":
     phase1(out)
     kernels(out)
     decode(out)
+    decode_floor(out)
     load_memory(out)
     gpu_memory(out)
-    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, load_memory.png, memory.png")
+    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, decode_floor.png, load_memory.png, memory.png")

@@ -17,6 +17,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATORS = ("cpu", "gpu")
 ANCHOR_MODES = ("shared", "recompute")
 PARTITIONS = ("uniform", "balanced")
+DECODE_LOOPS = ("graph", "static", "eager")
 ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn2", "flash_attn3",
                       "flash_attn4", "te")
 
@@ -52,6 +53,7 @@ class InferenceConfig:
     save_logits: bool = False  # add the first generated token's full-vocabulary logits to each output
     apply_chat_template: bool = False  # text requests: wrap context + query in the tokenizer's chat template
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; the last four need their library installed
+    decode: str = "graph"  # graph (static step replayed from a CUDA graph) | static (same step, no graph) | eager
 
 
 @dataclass
@@ -128,6 +130,7 @@ def validate(cfg: RunConfig) -> None:
     need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
     need(cfg.trainer.accelerator in ACCELERATORS,
          f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.trainer.accelerator!r}")
+    need(inf.decode in DECODE_LOOPS, f"inference.decode must be one of {', '.join(DECODE_LOOPS)}, got {inf.decode!r}")
     need(inf.attention_backend in ATTENTION_BACKENDS,
          f"inference.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {inf.attention_backend!r}")
     need(m.tensor_model_parallel_size >= 1, "model.tensor_model_parallel_size must be >= 1")

@@ -3,8 +3,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Without a GPU, Triton's kernels run in its interpreter (on CPU tensors); it must be chosen before they are
+# defined. Spawned ranks inherit it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from star_mcore.model.tiny import make_tiny_llama  # noqa: E402
 

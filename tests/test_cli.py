@@ -191,3 +191,22 @@ def test_gpu_runs_get_expandable_segments_before_cuda_starts(gqa_ckpt, monkeypat
     with pytest.raises(RunError, match="no CUDA device is visible"):
         preflight(cfg)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user_value or "expandable_segments:True")
+
+
+def test_decode_without_cuda_graphs_is_said_once(gqa_ckpt, requests_file, tmp_path):
+    """On CPU the graph loop runs the static step without a graph and says so in one line (not per request);
+    the static and eager loops say nothing; all three answer the same tokens."""
+    tokens = {}
+    for decode, said in (("graph", 1), ("static", 0), ("eager", 0)):
+        out = tmp_path / f"{decode}.jsonl"
+        res = star_mcore("generate", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}",
+                         "inference.context_parallel_mode=none", "model.context_parallel_size=1",
+                         f"inference.input_path={requests_file}", f"inference.output_path={out}",
+                         "inference.tokens_to_generate=5", f"inference.decode={decode}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        lines = [line for line in res.stderr.splitlines() if line.startswith("[star-mcore] decode:")]
+        assert len(lines) == said, res.stderr
+        assert all("CUDA graphs need a CUDA device" in line for line in lines)
+        tokens[decode] = {r["id"]: r.get("generated_ids") for r in map(json.loads, out.read_text().splitlines())}
+    assert len(tokens["eager"]["a"]) == 5 and len(tokens["eager"]["b"]) == 5
+    assert tokens["graph"] == tokens["eager"] and tokens["static"] == tokens["eager"]

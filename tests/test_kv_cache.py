@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from star_mcore.inference.engine import Engine, EngineSettings
+from star_mcore.config import InferenceConfig
+from star_mcore.inference.engine import Engine
 from star_mcore.inference.kv_cache import KVCache
 
 
@@ -42,8 +43,8 @@ def test_engine_reserves_each_hosts_share_of_the_context(mode, partition, n):
     shares = []
     for rank in range(4):
         groups = SimpleNamespace(cp_size=4, cp_rank=rank, device=torch.device("cpu"))
-        settings = EngineSettings(mode=mode, block_size=100, anchor_size=50, tokens_to_generate=1, partition=partition)
-        shares.append(Engine(SimpleNamespace(dtype=torch.float32), groups, settings).context_share(n))
+        inference = InferenceConfig(context_parallel_mode=mode, block_size=100, anchor_size=50, partition=partition)
+        shares.append(Engine(SimpleNamespace(dtype=torch.float32), groups, inference).context_share(n))
     assert sum(shares) == n
     if mode == "star" and partition == "uniform" and n == 1000:
         assert shares == [300, 300, 200, 200]  # contiguous blocks, the remainder spread from host 0
@@ -56,4 +57,4 @@ def test_no_cache_outlives_its_request(gqa_ckpt):
     from workers import cache_freed_after_generate
 
     for rank in run_world(2, cache_freed_after_generate, gqa_ckpt):
-        assert rank == [True, True, True]
+        assert rank == [True, True, True, True]

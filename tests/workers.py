@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from star_mcore.inference.engine import Engine, EngineSettings, NumericalError
+from star_mcore.config import InferenceConfig
+from star_mcore.inference.engine import Engine, NumericalError
 from star_mcore.inference.kv_cache import KVCache
 from star_mcore.inference.steps import EncodeSegment
 from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
@@ -99,11 +100,10 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
                            "output_layer_weight": model.gpt.output_layer.weight is not None}
     try:
         for c in cases:
-            eng = Engine(model, groups, EngineSettings(mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
-                                                       tokens_to_generate=c["n"], attention_backend=backend,
-                                                       eos_token_ids=tuple(c.get("eos", ())),
-                                                       anchor_mode=c.get("anchor_mode", "shared"),
-                                                       partition=c.get("partition", "uniform")))
+            eng = Engine(model, groups, InferenceConfig(
+                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=c["n"],
+                attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
+                partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
             r = {"tokens": gen.generated_ids}
             if gen.first_step_logits is not None:
@@ -114,8 +114,7 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
         if full_logits_ids is not None:
-            model.runtime.step = EncodeSegment(math_attention, KVCache(model.arch.num_layers))
-            with torch.inference_mode():
+            with torch.inference_mode(), model.attending(EncodeSegment(math_attention, KVCache(model.arch.num_layers))):
                 ids = torch.tensor(full_logits_ids)
                 res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
     finally:
@@ -128,8 +127,8 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     and agree to fp32 rounding. Returns {tokens held, max |difference|}."""
     caches = {}
     for mode in ("shared", "recompute"):
-        eng = Engine(model, groups, EngineSettings(mode="star", block_size=c["block"], anchor_size=c["anchor"],
-                                                   tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
+        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=1,
+                                                    anchor_mode=mode, partition=c["partition"]))
         caches[mode] = KVCache(model.arch.num_layers)
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)
@@ -147,8 +146,8 @@ def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: 
     """Star phase 1, then one phase-2 pass; per layer and on every host, the merged attention output against
     global attention (one softmax) over the union of every host's KV plus the query's own causally
     (scripts/bench_e2e.py's check). Returns the largest absolute difference over all ranks."""
-    eng = Engine(model, groups, EngineSettings(mode="star", block_size=block, anchor_size=anchor, tokens_to_generate=1,
-                                               attention_backend="sdpa_flash"))
+    eng = Engine(model, groups, InferenceConfig(block_size=block, anchor_size=anchor, tokens_to_generate=1,
+                                                attention_backend="sdpa_flash"))
     return star_phase2_error(eng, torch.tensor(ctx), torch.tensor(qry))
 
 
@@ -157,7 +156,7 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
     import weakref
 
     groups, model = _setup(ckpt, 1, 2)
-    eng = Engine(model, groups, EngineSettings(mode="star", block_size=8, anchor_size=4, tokens_to_generate=2))
+    eng = Engine(model, groups, InferenceConfig(block_size=8, anchor_size=4, tokens_to_generate=2))
     seen = []
     try:
         eng.generate(torch.arange(20), torch.tensor([3, 4]))
@@ -170,9 +169,97 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
             seen.append(model.runtime.step is None)
         cache = KVCache(1)
         ref = weakref.ref(cache)
-        model.runtime.step = EncodeSegment(math_attention, cache)
-        del cache
-        seen.append(ref() is not None)  # the check above is meaningful: a step does keep its cache alive
+        with model.attending(EncodeSegment(math_attention, cache)):
+            del cache
+            seen.append(ref() is not None)  # the checks above are meaningful: a step does keep its cache alive
+        seen.append(ref() is None)  # ... and leaving the block drops it
     finally:
         destroy_parallel()
     return seen
+
+
+class RecordingEngine(Engine):
+    """An engine that keeps every phase-2 step's logits (on the query host), so decode loops can be compared
+    step by step. Only meaningful where the step runs in Python each time (CPU; no graph replay)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_logits: List[torch.Tensor] = []
+
+    def decide(self, hidden, decision):
+        logits = super().decide(hidden, decision)
+        if logits is not None:
+            self.step_logits.append(logits.clone())
+        return logits
+
+
+def decode_loops(ckpt: str, tp: int, cp: int, cases: List[dict], loops=("eager", "static", "graph"),
+                 precision: str = "fp32", accelerator: str = "cpu") -> dict:
+    """Each case ({name, mode, block, anchor, ctx, qry, n, eos?}) under every decode loop: the tokens, every
+    step's logits where the step ran in Python (query host), and whether the graph loop kept its graph."""
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
+    res: Dict[str, Any] = {}
+    try:
+        for c in cases:
+            for loop in loops:
+                eng = RecordingEngine(model, groups, InferenceConfig(
+                    context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+                    tokens_to_generate=c["n"], decode=loop), c.get("eos", ()))
+                gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]))
+                res[f"{c['name']}/{loop}"] = {"tokens": gen.generated_ids,
+                                              "logits": [x.tolist() for x in eng.step_logits],
+                                              "graphs": getattr(eng.decoder, "replayed", False)}
+    finally:
+        destroy_parallel()
+    return res
+
+
+def decode_step_errors(ckpt: str, loops=("eager", "static", "graph")) -> Dict[str, str]:
+    """The first generated token's embedding made inf after a clean query pass: each decode loop's error for
+    the request (its first decode step feeds that token)."""
+    groups, model = _setup(ckpt, 1, 1)
+    try:
+        inference = InferenceConfig(context_parallel_mode="none", tokens_to_generate=4)
+        first = Engine(model, groups, inference).generate(torch.arange(3, 23), torch.tensor([30, 31])).generated_ids[0]
+        assert first not in range(3, 23) and first not in (30, 31), "pick ids that avoid the poisoned token"
+        with torch.no_grad():
+            model.gpt.embedding.word_embeddings.weight[first] = float("inf")
+        errors = {}
+        for loop in loops:
+            try:
+                Engine(model, groups, InferenceConfig(context_parallel_mode="none", tokens_to_generate=4, decode=loop)
+                       ).generate(torch.arange(3, 23), torch.tensor([30, 31]))
+                errors[loop] = "no error"
+            except NumericalError as e:
+                errors[loop] = str(e)
+    finally:
+        destroy_parallel()
+    return errors
+
+
+def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: List[list]) -> dict:
+    """For each variant ({name, mode, block, anchor, decode}): the requests ([context ids, query ids]) answered
+    in a row through ContextReuse, and each alone through Engine.generate: tokens, first-step logits (query
+    host) and the context_reused flags."""
+    from star_mcore.inference.engine import ContextReuse
+
+    groups, model = _setup(ckpt, tp, cp)
+    res: Dict[str, Any] = {}
+    try:
+        for v in variants:
+            eng = Engine(model, groups, InferenceConfig(
+                context_parallel_mode=v["mode"], block_size=v["block"], anchor_size=v["anchor"], tokens_to_generate=5,
+                decode=v["decode"]))
+            reuse = ContextReuse(eng)
+            for how in ("reuse", "alone"):
+                rows = []
+                for ctx, qry in requests:
+                    ids, q = torch.tensor(ctx), torch.tensor(qry)
+                    gen = reuse.generate(ids, q, save_logits=True) if how == "reuse" else eng.generate(ids, q, True)
+                    rows.append({"tokens": gen.generated_ids, "reused": gen.context_reused,
+                                 "phase1_s": gen.timings["phase1_s"],
+                                 "logits": None if gen.first_step_logits is None else gen.first_step_logits.tolist()})
+                res[f"{v['name']}/{how}"] = rows
+    finally:
+        destroy_parallel()
+    return res

@@ -10,7 +10,7 @@ from ..config import RunConfig
 from ..errors import RunError
 from ..model.arch import LlamaArch
 from ..model.llama import padded_vocab_size
-from ..ops.layout import context_shares, star_layout
+from .modes import context_parallel_mode
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 2 ** 30
@@ -54,16 +54,10 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> P
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     inf, prec = cfg.inference, cfg.model.precision
     new_tokens = query_len + inf.tokens_to_generate
-    mode = inf.context_parallel_mode
-    held = context_shares(mode, context_len, cp, inf.block_size, inf.anchor_size, inf.partition)
-    if mode == "star":
-        extra = inf.anchor_size if inf.anchor_mode == "recompute" else 0
-        hosts = star_layout(context_len, inf.block_size, inf.anchor_size, inf.partition, cp)
-        segment = max(len(b) + (extra if b.start else 0) for h in hosts for b in h)
-        anchor_kv = inf.anchor_size if inf.anchor_mode == "shared" and cp > 1 else 0
-    else:  # ring: a host's two chunks in one forward; none: the whole context
-        segment, anchor_kv = max(held), 0
+    mode = context_parallel_mode(inf)
+    held = mode.context_shares(context_len, cp)
     held[-1] += new_tokens
+    phase1 = mode.footprint(context_len, cp)
     per_token_kv = kv_bytes_per_token(arch, tp, prec)
     kv = max(held) * per_token_kv
     b = DTYPE_BYTES[prec]
@@ -72,11 +66,11 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> P
     # Hidden-state copies (embedding output, layer input, residual, norm) + SwiGLU's fc1 output (2i), its silu
     # and product + q, k, v before and after RoPE; fitted to measured peaks (docs/performance.md, +-5%).
     act_per_token = (4 * h + 4 * i + 2 * qkv) * b
-    ring_buffers = 2 * per_token_kv // arch.num_layers * segment if inf.context_parallel_mode == "ring" else 0
-    activations = segment * act_per_token + anchor_kv * per_token_kv + ring_buffers
+    activations = (phase1.forward_tokens * act_per_token + phase1.anchor_kv_tokens * per_token_kv
+                   + phase1.ring_kv_tokens * per_token_kv // arch.num_layers)
     # GPU: CUDA context + NCCL communicators, and the allocator's slack, which grows with the forward's size
     overhead = GPU_FIXED + activations // 3 if cfg.trainer.accelerator == "gpu" else 0
-    return Plan(weight_bytes(arch, tp, prec), kv, activations, segment, overhead)
+    return Plan(weight_bytes(arch, tp, prec), kv, activations, phase1.forward_tokens, overhead)
 
 
 def device_capacity(cfg: RunConfig) -> int:

@@ -23,7 +23,8 @@ from ..ops.attention import resolve_backend
 from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_parallel, init_process_group,
                                initialize_parallel)
 from ..parallel.watchdog import Watchdog
-from .engine import Engine, EngineSettings
+from .engine import ContextReuse, Engine
+from .logs import log
 from .planner import check_fits
 from .requests import IdTracker, RequestError, ResultWriter, Tokenizer, parse_request, read_lines
 
@@ -62,10 +63,6 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
         except ValueError as e:
             raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
     return arch
-
-
-def log(msg: str) -> None:
-    print(f"[star-mcore] {msg}", file=sys.stderr, flush=True)
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -119,10 +116,7 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
                                      device, cfg.distributed.timeout_s)
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
-        engine = Engine(model, groups, EngineSettings(
-            mode=inf.context_parallel_mode, block_size=inf.block_size, anchor_size=inf.anchor_size,
-            tokens_to_generate=inf.tokens_to_generate, attention_backend=inf.attention_backend,
-            eos_token_ids=tuple(arch.eos_token_ids), anchor_mode=inf.anchor_mode, partition=inf.partition))
+        engine = Engine(model, groups, inf, arch.eos_token_ids)
         yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template),
                       writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
@@ -165,6 +159,7 @@ def run_generation(cfg: RunConfig) -> int:
         if writer is not None and ids.finished:
             log(f"resuming: {ids.finished} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
+        contexts = ContextReuse(engine)  # consecutive requests over one context: one phase 1
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
                                 inf.tokens_to_generate)
@@ -172,8 +167,8 @@ def run_generation(cfg: RunConfig) -> int:
                 continue
             if req.error is None:
                 try:
-                    gen = engine.generate(torch.tensor(req.context_ids), torch.tensor(req.query_ids),
-                                          save_logits=inf.save_logits)
+                    gen = contexts.generate(torch.tensor(req.context_ids), torch.tensor(req.query_ids),
+                                            save_logits=inf.save_logits)
                 except RequestError as e:  # raised the same way on every rank
                     req.error = str(e)
             if req.error is not None:
@@ -186,6 +181,7 @@ def run_generation(cfg: RunConfig) -> int:
                 if gen.first_step_logits is not None:
                     record["first_step_logits"] = gen.first_step_logits.tolist()
                 record.update(gen.timings)
+                record["context_reused"] = gen.context_reused
                 n_ok += 1
             if writer is not None:
                 writer.write(record)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.attention import AttnFn, attend, attend_prefix_causal
+from ..ops.decode_attention import DecodeKernel
 from ..ops.layout import Span
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import gather_merge, ring_attention
@@ -115,3 +116,25 @@ class QueryStep:
             out, lse = attend(self.fn, q, ck, cv, causal=False, scale=scale)
         out, _ = gather_merge(out, lse, self.group)
         return out
+
+
+class StaticQueryStep:
+    """Phase 2's decode step with static shapes, for graph capture: one new token, the KV buffers at their
+    final size, lengths on the device. The query host writes the token's K, V at ``write_at`` and attends to
+    ``attend_len`` = write_at + 1 keys; the other hosts attend to their whole share. One all-gather of the
+    packed partials and the exact merge, as in :class:`QueryStep`.
+    """
+
+    def __init__(self, kernel: DecodeKernel, cache: KVCache, group: dist.ProcessGroup, attend_len: Tensor,
+                 write_at: Optional[Tensor]) -> None:
+        self.kernel, self.cache, self.group = kernel, cache, group
+        self.attend_len, self.write_at = attend_len, write_at
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        kb, vb = self.cache.buffers(layer, like=k)
+        if self.write_at is not None:
+            kb.index_copy_(2, self.write_at, k)
+            vb.index_copy_(2, self.write_at, v)
+        out, lse = self.kernel(q, kb, vb, self.attend_len, scale)
+        out, _ = gather_merge(out, lse, self.group)
+        return out.to(q.dtype)

@@ -1,17 +1,20 @@
 """This project's core attention for Megatron-core's SelfAttention, plugged in through the layer spec.
 
-mcore's SelfAttention does the QKV projection and RoPE, then calls ``core_attention(q, k, v, ...)`` with
-q [sq, b, hq, d] and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). What
-attention means for those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
+mcore's SelfAttention does the QKV projection, then calls ``core_attention(q, k, v, ...)`` with q [sq, b, hq, d]
+and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). RoPE is applied here, with the
+angles the model computed once for the forward pass (:attr:`AttentionRuntime.rope`). What attention means for
+those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
 decided by the inference engine, which sets :attr:`AttentionRuntime.step` before each forward pass.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
+
+from ..ops.rope import apply_rope
 
 Tensor = torch.Tensor
 
@@ -22,32 +25,35 @@ class AttentionStep(Protocol):
 
 
 class AttentionRuntime:
-    """Shared by every layer's core attention of one model: the step of the current forward pass, and
-    per-layer flags of non-finite attention outputs (kept on the device: no sync per layer)."""
+    """Shared by every layer's core attention of one model: the step of the current forward pass, and per
+    layer the float32 sum of its attention output, kept on the device (no sync per layer): NaN/Inf anywhere
+    makes the sum non-finite, and an attention output (a weighted mean of values) cannot overflow it. A
+    reduction and an add per layer: the guard costs a decode step two small kernels a layer."""
 
     def __init__(self, num_layers: int) -> None:
         self.step: Optional[AttentionStep] = None
+        self.rope: Optional[Tuple[Tensor, Tensor]] = None  # cos, sin [s, d/2] of the current forward's positions
         self.num_layers = num_layers
-        self.nonfinite: Optional[Tensor] = None
+        self.sums: Optional[Tensor] = None
 
     def reset_guard(self, device: torch.device) -> None:
-        if self.nonfinite is None or self.nonfinite.device != device:
-            self.nonfinite = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+        if self.sums is None or self.sums.device != device:
+            self.sums = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
         else:
-            self.nonfinite.zero_()  # once per decode step: no new allocation
+            self.sums.zero_()  # once per decode step: no new allocation
 
     def record(self, layer: int, out: Tensor) -> None:
-        if self.nonfinite is not None:
-            self.nonfinite[layer] |= ~torch.isfinite(out).all()
+        if self.sums is not None:
+            self.sums[layer] += torch.sum(out, dtype=torch.float32)  # accumulates over a phase's forwards
 
     def first_nonfinite_layer(self) -> Tensor:
-        """0-d int64 tensor: the first flagged layer, or num_layers if none (no host sync)."""
-        idx = torch.arange(self.num_layers, device=self.nonfinite.device)
-        return torch.where(self.nonfinite, idx, self.num_layers).min()
+        """0-d int64 tensor: the first layer whose output was not finite, or num_layers if none (no host sync)."""
+        idx = torch.arange(self.num_layers, device=self.sums.device)
+        return torch.where(torch.isfinite(self.sums), self.num_layers, idx).min()
 
 
 class StarCoreAttention(MegatronModule):
-    """Core attention that hands post-RoPE q, k, v to the runtime's current step."""
+    """Core attention: RoPE on q and k, then q, k, v to the runtime's current step."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None,
@@ -62,6 +68,8 @@ class StarCoreAttention(MegatronModule):
         if self.runtime.step is None:
             raise RuntimeError("no attention step is set: run the model through star_mcore.inference")
         sq, b = query.shape[:2]
+        cos, sin = self.runtime.rope
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self.runtime.step(self.layer_index, q, k, v, self.softmax_scale)
         self.runtime.record(self.layer_index, out)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +13,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..ops.rope import inv_frequencies, rotary_angles
+from ..ops.rope import inv_frequencies, rope_cos_sin
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
 from .arch import LlamaArch
-from .core_attention import AttentionRuntime, StarCoreAttention
+from .core_attention import AttentionRuntime, AttentionStep, StarCoreAttention
 
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,12 +101,30 @@ class StarLlama:
         ).to(device=self.device, dtype=self.dtype).eval()  # mcore's torch RMSNorm is built in fp32: bf16 end to end
         self.inv_freq = inv_frequencies(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(self.device)
 
+    @contextmanager
+    def attending(self, step: AttentionStep) -> Iterator[AttentionStep]:
+        """Forward passes inside the block use ``step`` as every layer's core attention. The step (and the KV
+        cache it holds) is detached on the way out, also on a failure: nothing of a request outlives it."""
+        if self.runtime.step is not None:
+            raise RuntimeError("the model is already attending with another step")
+        self.runtime.step = step
+        try:
+            yield step
+        finally:
+            self.runtime.step = None
+
     def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h]."""
+        """ids, positions [s] (positions need not be contiguous) -> final-normed hidden states [s, 1, h].
+
+        The rotary angles of ``positions`` are computed once here and applied by the core attention of every
+        layer (mcore's decoder gets none), so a layer rotates q and k in one fused kernel each."""
         ids, positions = ids.to(self.device), positions.to(self.device)
         x = self.gpt.embedding(input_ids=ids[None], position_ids=positions[None])
-        return self.gpt.decoder(hidden_states=x, attention_mask=None,
-                                rotary_pos_emb=rotary_angles(positions, self.inv_freq))
+        self.runtime.rope = rope_cos_sin(positions, self.inv_freq)
+        try:
+            return self.gpt.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=None)
+        finally:
+            self.runtime.rope = None
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [s, 1, h] -> float32 logits [s, vocab] (padding rows dropped)."""

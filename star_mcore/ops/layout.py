@@ -54,16 +54,6 @@ def star_layout(context_len: int, block_size: int, anchor_size: int, partition: 
     return star_blocks(context_len, block_size, cp_size, first_block_size=first)
 
 
-def context_shares(mode: str, context_len: int, cp_size: int, block_size: int, anchor_size: int,
-                   partition: str) -> List[int]:
-    """Context tokens each host keeps in its KV cache in ``mode`` (star, ring, or none: one host)."""
-    if mode == "star":
-        return [sum(len(b) for b in h) for h in star_layout(context_len, block_size, anchor_size, partition, cp_size)]
-    if mode == "ring":
-        return [len(a) + len(b) for a, b in ring_chunks(context_len, cp_size)]
-    return [context_len]
-
-
 def star_block_tokens(context_ids: torch.Tensor, block: Span, anchor_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Token ids, position ids and anchor length of one phase-1 star segment.
 

@@ -1,15 +1,18 @@
 """Rotary position embeddings from a Llama config.json: plain, large theta, and ``rope_type: llama3``.
 
-Frequencies are returned in the layout Megatron-core's ``apply_rotary_pos_emb`` takes for bshd tensors
-(``[s, 1, 1, head_dim]``, the half-dim angles repeated twice, rotate-half convention, as HF Llama).
+The rotation is applied by this project's core attention, not by Megatron-core (the model's decoder gets no
+``rotary_pos_emb``): the cosines and sines are computed once per forward pass (:func:`rope_cos_sin`) and every
+layer rotates q and k with them in one kernel each (:func:`apply_rope`; rotate-half convention, as HF Llama).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
+
+from .triton_support import triton_available
 
 Tensor = torch.Tensor
 
@@ -40,7 +43,22 @@ def _llama3_scale(inv: Tensor, cfg: Mapping[str, Any]) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotary_angles(position_ids: Tensor, inv_freq: Tensor) -> Tensor:
-    """position_ids [s] (int) -> angles [s, 1, 1, 2 * len(inv_freq)] float32."""
+def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor) -> Tuple[Tensor, Tensor]:
+    """position_ids [s] (int) -> cos, sin [s, head_dim // 2] float32, on inv_freq's device."""
     ang = position_ids.to(device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat([ang, ang], dim=-1)[:, None, None, :]
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [s, b, h, d] (any strides, last dim contiguous) rotated by the angles of its s positions: the first
+    half of d becomes x1 cos - x2 sin, the second x2 cos + x1 sin. Returns a new contiguous tensor in x's dtype.
+
+    On CUDA with Triton, one fused launch (float32 inside); elsewhere torch ops in x's dtype, as HF Llama."""
+    if x.is_cuda and x.stride(-1) == 1 and triton_available():
+        from .triton_kernels import rope_rotate
+
+        return rope_rotate(x, cos, sin)
+    half = x.shape[-1] // 2
+    c, s_ = cos.to(x.dtype)[:, None, None, :], sin.to(x.dtype)[:, None, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)

@@ -1,0 +1,175 @@
+"""Triton kernels of phase 2: split-KV ("flash-decoding") attention for a few query rows over a KV buffer whose
+valid length is a device tensor, and the exact LSE merge of n partials in one launch.
+
+Imported only where Triton is (CUDA torch ships it; ``TRITON_INTERPRET=1`` runs these kernels on CPU
+tensors, which is how the CPU tests cover them). Shapes are static, lengths live on the device: both kernels
+can be captured in a CUDA graph and replayed while the KV length grows.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+LOG2E = 1.4426950408889634
+BLOCK_N = 64  # keys per inner tile
+MIN_SPLIT = 256  # keys per program at the least: below that, launch and merge cost more than they hide
+
+
+@triton.jit
+def _split_kv_kernel(Q, K, V, LEN, O, L,
+                     sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_s, so_b, so_h, so_r, sl_s, sl_b, sl_h,
+                     HK, ROWS, SPLIT, scale_log2,
+                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Program (b * HK + h, s): the ROWS query rows of KV head h against keys [s*SPLIT, min((s+1)*SPLIT, len))."""
+    bh = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    n_len = tl.load(LEN + b).to(tl.int32)
+    start = s * SPLIT
+    end = tl.minimum(start + SPLIT, n_len)
+    rm = tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    rn = tl.arange(0, BLOCK_N)
+    dmask = rd < HEAD_D
+    q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_r + rd[None, :],
+                mask=(rm[:, None] < ROWS) & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + rn
+        kmask = cols < end
+        kv_mask = kmask[:, None] & dmask[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + rd[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + rd[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(kmask[None, :], scores * scale_log2, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every tile has a visible key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0  # an empty split is a neutral partial: out 0, lse -inf
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
+    rows = rm < ROWS
+    tl.store(O + s * so_s + b * so_b + h * so_h + rm[:, None] * so_r + rd[None, :], out,
+             mask=rows[:, None] & dmask[None, :])
+    tl.store(L + s * sl_s + b * sl_b + h * sl_h + rm, lse, mask=rows)
+
+
+@triton.jit
+def _merge_kernel(O, L, OUT, LSE, N, so_n, so_r, sl_n, sl_r,
+                  HEAD_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program r: row r of the n partials -> its merged out and lse (float32); all n partials in one tile."""
+    r = tl.program_id(0)
+    rs = tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    lses = tl.load(L + rs * sl_n + r * sl_r, mask=rs < N, other=-float("inf")).to(tl.float32)
+    m = tl.max(lses, 0)
+    m = tl.where(m == -float("inf"), 0.0, m)  # every partial empty: keep exp finite
+    w = tl.exp(lses - m)
+    total = tl.sum(w, 0)
+    o = tl.load(O + rs[:, None] * so_n + r * so_r + rd[None, :], mask=(rs[:, None] < N) & (rd[None, :] < HEAD_D),
+                other=0.0).to(tl.float32)
+    out = tl.sum(w[:, None] * o, 0) / tl.maximum(total, 1.1754943508222875e-38)
+    tl.store(OUT + r * HEAD_D + rd, out, mask=rd < HEAD_D)
+    tl.store(LSE + r, m + tl.log(total))
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, OUT, R, BH, H, sx_s, sx_b, sx_h, sc,
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows r = (t, b, h) of x [s, b, h, d], BLOCK_R per program; out is contiguous [s, b, h, d]."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_H)
+    rmask = r < R
+    mask = rmask[:, None] & (c[None, :] < HALF)
+    t = r // BH
+    bi = (r % BH) // H
+    hi = r % H
+    base = t * sx_s + bi * sx_b + hi * sx_h
+    x1 = tl.load(X + base[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + base[:, None] + HALF + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(COS + t[:, None] * sc + c[None, :], mask=mask, other=0.0)
+    sin = tl.load(SIN + t[:, None] * sc + c[None, :], mask=mask, other=0.0)
+    o = OUT + r[:, None] * (2 * HALF) + c[None, :]
+    tl.store(o, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+
+
+def rope_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [s, b, h, d] (last dim contiguous), cos, sin [s, d // 2] float32 (contiguous) -> rotated x, contiguous."""
+    s, b, h, d = x.shape
+    out = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
+    rows = s * b * h
+    if rows == 0:
+        return out
+    block_r = 16
+    _rope_kernel[(triton.cdiv(rows, block_r),)](x, cos, sin, out, rows, b * h, h, x.stride(0), x.stride(1),
+                                               x.stride(2), cos.stride(0), HALF=d // 2, BLOCK_R=block_r,
+                                               BLOCK_H=_pow2(d // 2, 16))
+    return out
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
+def num_splits(capacity: int, batch_heads: int, sms: int) -> int:
+    """Splits of a ``capacity``-key buffer: enough programs to fill the GPU about twice, none below MIN_SPLIT keys."""
+    by_gpu = max(1, -(-2 * sms // batch_heads))
+    return max(1, min(by_gpu, -(-capacity // MIN_SPLIT)))
+
+
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, scale: float,
+                       splits: int) -> Tuple[Tensor, Tensor]:
+    """Partials of every split. q [b, hk, rows, d] (query heads of a KV group folded into rows); k, v
+    [b, hk, cap, d] (last dim contiguous); kv_len [b] int (device) -> out [splits, b, hk, rows, d] float32,
+    lse [splits, b, hk, rows] float32."""
+    b, hk, rows, d = q.shape
+    cap = k.shape[2]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("split_kv_attention needs the head dimension contiguous")
+    split = -(-max(cap, 1) // splits)
+    split = -(-split // BLOCK_N) * BLOCK_N
+    o = torch.empty(splits, b, hk, rows, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(splits, b, hk, rows, dtype=torch.float32, device=q.device)
+    _split_kv_kernel[(b * hk, splits)](
+        q, k, v, kv_len, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        hk, rows, split, scale * LOG2E,
+        HEAD_D=d, BLOCK_M=_pow2(rows, 16), BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N,
+        IEEE=q.dtype == torch.float32)
+    return o, lse
+
+
+def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
+    """outs [n, R, d] (any float dtype, last dim contiguous), lses [n, R] -> out [R, d], lse [R] (float32)."""
+    n, r, d = outs.shape
+    if outs.stride(-1) != 1:
+        raise ValueError("merge_rows needs the head dimension contiguous")
+    out = torch.empty(r, d, dtype=torch.float32, device=outs.device)
+    lse = torch.empty(r, dtype=torch.float32, device=outs.device)
+    _merge_kernel[(r,)](outs, lses, out, lse, n, outs.stride(0), outs.stride(1), lses.stride(0), lses.stride(1),
+                        HEAD_D=d, BLOCK_S=_pow2(n, 2), BLOCK_D=_pow2(d, 16))
+    return out, lse
+
+
+__all__ = ["split_kv_attention", "merge_rows", "num_splits", "rope_rotate"]

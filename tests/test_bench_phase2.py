@@ -1,0 +1,38 @@
+"""The phase-2 benchmarks' --smoke runs on CPU (tiny shape): the scripts run end to end and their JSON holds
+what the docs read from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smoke(script, out):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--smoke", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_decode_floor_smoke(tmp_path):
+    data = _smoke("bench_decode_floor.py", tmp_path / "floor.json")
+    assert [(r["context"], r["kv_share"]) for r in data["rows"]] == [(256, 256), (256, 32), (512, 512), (512, 64)]
+    for r in data["rows"]:
+        assert set(r["loops"]) == {"graph", "eager"}
+        assert r["loops"]["graph"]["graph_used"] is False  # CPU: the static step without a graph
+        assert r["decode_ms_per_token"] == round(r["loops"]["graph"]["ms_per_token"], 4)
+        assert r["step_bytes"] > 0 and r["first_token_s"] > 0
+
+
+def test_context_reuse_smoke(tmp_path):
+    data = _smoke("bench_context_reuse.py", tmp_path / "reuse.json")
+    assert [(r["context"], r["mode"]) for r in data["rows"]] == [(256, "none"), (256, "star")]
+    for r in data["rows"]:
+        assert r["same_tokens"] and r["reused"] == [False, True, True]
+        assert r["reuse"]["phase1_s"][1:] == [0.0, 0.0] and all(t > 0 for t in r["alone"]["phase1_s"])
