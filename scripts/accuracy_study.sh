@@ -12,9 +12,9 @@
 #            niah_multikey_2,niah_multikey_3 for all 11 synthetic ones; qa_1 / qa_2 need eval.squad_path /
 #            eval.hotpotqa_path given as extra key=value]
 #   SAMPLES  per task, length and setting [20]
-#   JOBS     evals at once [1]; decoding a 135M model is launch-bound (CPU), so a GPU is shared well by about as
-#            many evals as the machine has cores
-#   SPLIT    1: one eval per task (balances JOBS better, loads the model more often) [1 when JOBS > 1, else 0]
+#   JOBS     evals at once [1]; a 135M model leaves a GPU mostly idle, so one GPU holds all 15 of the default
+#            stages at once (JOBS=15) and their start-up (~20 s each: imports, model, CUDA) overlaps
+#   SPLIT    1: one eval per task (more, shorter evals: for slow settings, e.g. inference.decode=eager) [0]
 #   GPUS     GPUs to spread the evals over, round robin [those nvidia-smi lists; 0 = none, e.g. on CPU]
 #   HOSTS    star's ranks per eval [1: the 4 blocks on one device give the 4-host numbers, see docs/accuracy.md]
 #
@@ -32,7 +32,7 @@ config=${CONFIG:-configs/eval_smollm2.yaml}
 long=${LONG:-8064}
 samples=${SAMPLES:-20}
 jobs=${JOBS:-1}
-split=${SPLIT:-$((jobs > 1 ? 1 : 0))}
+split=${SPLIT:-0}
 hosts=${HOSTS:-1}
 gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 py=${PYTHON:-python3}
