@@ -72,7 +72,8 @@ def main() -> None:
                 outs, lses = o.float().expand(p, *o.shape), l.expand(p, *l.shape)
                 with torch.inference_mode():
                     t_step = benchlib.timed(step, dev, warmup=3, reps=args.reps)
-                    t_merge = benchlib.timed(lambda: merge_partials(outs, lses), dev, warmup=3, reps=args.reps) if p > 1 else 0.0
+                    t_merge = (benchlib.timed(lambda: merge_partials(outs, lses), dev, warmup=3, reps=args.reps)
+                               if p > 1 else 0.0)
                 gather_bytes = p * hq * (d + 1) * 4
                 comm = {k: (lat * max(1, (p - 1).bit_length()) + gather_bytes / bw) if p > 1 else 0.0
                         for k, (lat, bw) in LINK.items()}
@@ -83,8 +84,8 @@ def main() -> None:
                 results["rows"].append(row)
                 print(f"{shape:13} N={n:>8} P={p:>2} step {t_step * 1e6:8.1f} us/layer, merge {t_merge * 1e6:6.1f} us "
                       f"({100 * row['merge_share']:.1f}%)", flush=True)
-                del kv
-        del model
+                kv = None  # freed before the next size (closures above read it: not del)
+        model = None  # freed before the next shape is built (closures above read it: not del)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     benchlib.write_json(args.out, results)

@@ -38,7 +38,7 @@ def bandwidth(device: torch.device) -> float:
     x = torch.empty(2 * GiB, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     t = benchlib.timed(lambda: y.copy_(x), device, warmup=3, reps=10)
-    del x, y
+    x = y = None  # freed (not del: the closure above reads them)
     return 2 * 2 * GiB / t
 
 
@@ -86,7 +86,8 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
                 runs[b].append(time_answer(engine, context, query, b))
         med = {b: {k: sorted(r[k] for r in runs[b])[len(runs[b]) // 2] for k in ("phase2_s", "first_token_s")}
                for b in runs}
-        per_token = ((med[hi]["phase2_s"] - med[hi]["first_token_s"]) - (med[lo]["phase2_s"] - med[lo]["first_token_s"])) / (hi - lo)
+        per_token = ((med[hi]["phase2_s"] - med[hi]["first_token_s"])
+                     - (med[lo]["phase2_s"] - med[lo]["first_token_s"])) / (hi - lo)
         overhead = (med[lo]["phase2_s"] - med[lo]["first_token_s"]) - (lo - 1) * per_token
         out[loop] = dict(ms_per_token=per_token * 1e3, first_token_s=med[lo]["first_token_s"], overhead_s=overhead,
                          graph_used=getattr(engine.decoder, "replayed", False))
@@ -136,7 +137,8 @@ def hf_static_compiled(shape: str, layers: int, vocab: int, context: int, budget
 
     s = benchlib.SHAPES[shape]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                      num_hidden_layers=layers, num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                      num_hidden_layers=layers, num_attention_heads=s["num_heads"],
+                      num_key_value_heads=s["num_kv_heads"],
                       head_dim=s["head_dim"], max_position_embeddings=context + 4096, rope_theta=500000.0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -155,7 +157,7 @@ def hf_static_compiled(shape: str, layers: int, vocab: int, context: int, budget
         run(n)
     t_lo = sorted(run(lo) for _ in range(3))[1]
     t_hi = sorted(run(hi) for _ in range(3))[1]
-    del model
+    model = None  # freed (not del: the closure above reads it)
     torch.cuda.empty_cache()
     return (t_hi - t_lo) / (hi - lo) * 1e3
 
@@ -178,7 +180,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
-        args.cases, args.budgets, args.eager_budgets, args.reps, args.query = "tiny:2:256,tiny:2:512", "3,6", "3,6", 1, 4
+        args.cases, args.budgets, args.eager_budgets = "tiny:2:256,tiny:2:512", "3,6", "3,6"
+        args.reps, args.query = 1, 4
     args.loops = args.loops.split(",")
     args.budgets = [int(x) for x in args.budgets.split(",")]
     args.eager_budgets = [int(x) for x in args.eager_budgets.split(",")]

@@ -251,7 +251,8 @@ def main(argv=None) -> None:
     model = benchlib.layer_model(args.shape, groups, args.precision, seed=1000 + groups.tp_rank, layers=layers,
                                  vocab=vocab)
     payload = dict(hardware=benchlib.hardware(), world=world, tp=args.tp, cp=cp, shape=args.shape, shape_dims=shape,
-                   layers=layers, vocab=vocab, precision=args.precision, backend=args.backend, decode=args.decode, device=kind,
+                   layers=layers, vocab=vocab, precision=args.precision, backend=args.backend, decode=args.decode,
+                   device=kind,
                    query_tokens=args.query, new_tokens=args.new_tokens, reps=args.reps,
                    nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"), complete=False, rows=[])
     for li, n in enumerate(args.lengths):

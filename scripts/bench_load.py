@@ -160,7 +160,8 @@ def page_cache_bytes(path: Path) -> Optional[int]:
     """Bytes of the checkpoint's files in the page cache (util-linux fincore), None without it."""
     try:
         out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                              *map(str, sorted(path.glob("*.safetensors")))], capture_output=True, text=True, check=True)
+                              *map(str, sorted(path.glob("*.safetensors")))],
+                             capture_output=True, text=True, check=True)
         return sum(int(x) for x in out.stdout.split())
     except (OSError, subprocess.CalledProcessError, ValueError):
         return None
@@ -278,7 +279,8 @@ def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> di
         assert dtypes == ["torch.bfloat16"], f"loaded parameters are {dtypes}, not bf16 only"
         return {"rank": torch.distributed.get_rank(), "tp_rank": groups.tp_rank, "cp_rank": groups.cp_rank,
                 "param_dtypes": dtypes, "rank_weight_bytes": weight_bytes, "requested": reads,
-                "before_model": before_model, "baseline": baseline, "peak_sampled": peak, "final": final, "vmhwm_load": peak["VmHWM"],
+                "before_model": before_model, "baseline": baseline, "peak_sampled": peak, "final": final,
+                "vmhwm_load": peak["VmHWM"],
                 "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "samples": sampler.samples, "load_s": round(load_s, 3)}
     finally:
@@ -296,7 +298,8 @@ def measure(name: str, path: Path, info: dict, tp: int, cp: int, method: str, pe
         rows.append({"checkpoint": name, "tp": tp, "cp": cp, "method": method, "checkpoint_bytes": info["file_bytes"],
                      "page_cache_before": cached_before, "page_cache_after": cached_after,
                      "peak_over_baseline": over, **r})
-        print(f"{name:5} tp={tp} cp={cp} rank {r['rank']} {method:20} weights {r['rank_weight_bytes'] / MIB:8.1f} MiB | "
+        print(f"{name:5} tp={tp} cp={cp} rank {r['rank']} {method:20} "
+              f"weights {r['rank_weight_bytes'] / MIB:8.1f} MiB | "
               f"peak over baseline: anon {over['RssAnon'] / MIB:8.1f}  file {over['RssFile'] / MIB:8.1f} MiB | "
               f"VmHWM {r['vmhwm_load'] / MIB:8.1f}  ru_maxrss {r['ru_maxrss'] / MIB:8.1f} MiB | "
               f"final anon {(r['final']['RssAnon'] - r['baseline']['RssAnon']) / MIB:8.1f} "

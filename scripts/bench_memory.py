@@ -43,7 +43,8 @@ SMOKE = [("tiny", 2, 256, "none", 0, 0, "shared"), ("tiny", 2, 512, "star", 128,
 
 def estimate(arch: LlamaArch, n: int, mode: str, block: int, anchor: int, anchor_mode: str):
     cfg = load_config(None, ["checkpoint.hf_path=unused", "inference.input_path=x", "inference.output_path=y",
-                             "model.precision=bf16", "trainer.accelerator=gpu", f"inference.context_parallel_mode={mode}",
+                             "model.precision=bf16", "trainer.accelerator=gpu",
+                             f"inference.context_parallel_mode={mode}",
                              f"inference.block_size={block or n}", f"inference.anchor_size={anchor}",
                              f"inference.anchor_mode={anchor_mode}", f"inference.tokens_to_generate={NEW}"])
     return plan(cfg, arch, n, QUERY)

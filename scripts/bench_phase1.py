@@ -44,7 +44,8 @@ class RingHost:
         for step in range(self.p):
             owner = (self.rank - step) % self.p
             if owner == self.rank:
-                kp, vp = torch.split(k, (len(mine[0]), len(mine[1])), 2), torch.split(v, (len(mine[0]), len(mine[1])), 2)
+                sizes = (len(mine[0]), len(mine[1]))
+                kp, vp = torch.split(k, sizes, 2), torch.split(v, sizes, 2)
             else:
                 kp = [self.full_k[:, :, c.start:c.end] for c in self.chunks[owner]]
                 vp = [self.full_v[:, :, c.start:c.end] for c in self.chunks[owner]]
@@ -111,7 +112,7 @@ def main() -> None:
                 full = torch.randn(2, 1, s["num_kv_heads"], n, s["head_dim"], device=dev, dtype=model.dtype)
                 local = sum(len(c) for c in ring_chunks(n, p)[0])
                 t_ring = run_tokens(("ring", n, p), local, lambda c: RingHost(attn, c, n, p, 0, full[0], full[1]))
-                del full
+                full = None  # freed before the star runs (a closure above reads it: not del)
                 rows.append(("ring", 0, {"every host": t_ring}, (p - 1) * local * kv_bytes_per_token))
                 for mode in ("recompute", "shared"):
                     for div, part in ((1, "uniform"), (2, "uniform"), (4, "uniform"), (8, "uniform"), (1, "balanced")):
@@ -137,7 +138,8 @@ def main() -> None:
                            "critical_per_layer_s": round(crit, 7), "layers": s["layers"],
                            "critical_model_s": round(crit * s["layers"], 5),
                            "comm_bytes_per_layer": comm_bytes,
-                           "comm_s_per_layer": {k: round(comm_bytes / (bw * 1e9), 7) for k, bw in BANDWIDTH_GBPS.items()}}
+                           "comm_s_per_layer": {k: round(comm_bytes / (bw * 1e9), 7)
+                                                for k, bw in BANDWIDTH_GBPS.items()}}
                     results["rows"].append(row)
                 ring = next(r for r in results["rows"][-len(rows):] if r["scheme"] == "ring")
                 for r in results["rows"][-len(rows):]:
@@ -145,9 +147,10 @@ def main() -> None:
                     if r["critical_per_layer_s"] != r["critical_per_layer_s"]:
                         r["note"] = "out of memory on one GPU at TP=1"
                     print(f"{shape:13} N={n:>8} P={p:>2} {r['scheme']:26} a={r['anchor']:>7} "
-                          f"{r['critical_per_layer_s'] * 1e3:9.3f} ms/layer  x{r['speedup_vs_ring_compute']:.2f} vs ring",
+                          f"{r['critical_per_layer_s'] * 1e3:9.3f} ms/layer  "
+                          f"x{r['speedup_vs_ring_compute']:.2f} vs ring",
                           flush=True)
-        del model
+        model = None  # freed before the next shape is built (closures above read it: not del)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     benchlib.write_json(args.out, results)

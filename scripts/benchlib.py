@@ -18,8 +18,10 @@ from star_mcore.parallel.groups import ParallelGroups, init_process_group, initi
 
 # Per-layer shapes of the paper's models (TP = 1: a host's work on one GPU; TP divides it further).
 SHAPES: Dict[str, dict] = {
-    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128, layers=32),
-    "llama3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8, head_dim=128, layers=80),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+                        layers=32),
+    "llama3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8, head_dim=128,
+                         layers=80),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, layers=2),
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM datasheet)

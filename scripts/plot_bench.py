@@ -30,10 +30,12 @@ def phase1(bench: Path) -> None:
                 xs, ys = [], []
                 for n in lengths:
                     want = n // p // div if div else 0
-                    r = next((r for r in sel if r["context"] == n and r["scheme"] == scheme and r["anchor"] == want), None)
+                    r = next((r for r in sel if r["context"] == n and r["scheme"] == scheme and r["anchor"] == want),
+                             None)
                     if r and r["critical_per_layer_s"] == r["critical_per_layer_s"]:
                         xs.append(n // 1024), ys.append(r["speedup_vs_ring_compute"])
-                label = {"none": "none (one GPU)"}.get(scheme, f"{scheme.replace('_uniform', '')} a=b" + (f"/{div}" if div > 1 else ""))
+                label = {"none": "none (one GPU)"}.get(
+                    scheme, f"{scheme.replace('_uniform', '')} a=b" + (f"/{div}" if div > 1 else ""))
                 ax.plot(xs, ys, style, label=label)
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xscale("log", base=2)
@@ -90,8 +92,8 @@ def decode_floor(bench: Path) -> None:
     if not path.exists():
         return
     rows = json.loads(path.read_text())["rows"]
-    labels = [f"{r['shape'].replace('llama3.1-', '')} x{r['layers']}\nctx {r['context'] // 1024}K\nKV {r['kv_share'] // 1024}K"
-              for r in rows]
+    labels = [f"{r['shape'].replace('llama3.1-', '')} x{r['layers']}\nctx {r['context'] // 1024}K\n"
+              f"KV {r['kv_share'] // 1024}K" for r in rows]
     series = [("floor", "floor_ms_per_token", "#999999"), ("graph (this)", "decode_ms_per_token", "#1f77b4"),
               ("HF static + compile", "hf_static_compiled_ms_per_token", "#2ca02c"),
               ("eager (before)", "eager_ms_per_token", "#d62728")]
@@ -114,7 +116,8 @@ def load_memory(bench: Path) -> None:
     d = json.loads((bench / "load_memory.json").read_text())
     names = list(d["checkpoints"])
     fig, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 4.6), squeeze=False,
-                             gridspec_kw={"width_ratios": [len([r for r in d["rows"] if r["checkpoint"] == n]) for n in names]})
+                             gridspec_kw={"width_ratios": [len([r for r in d["rows"] if r["checkpoint"] == n])
+                                                           for n in names]})
     mib = 2**20
     for ax, name in zip(axes[0], names):
         rows = [r for r in d["rows"] if r["checkpoint"] == name]
@@ -150,7 +153,8 @@ def gpu_memory(bench: Path) -> None:
                             (-0.1, "device_used", "device memory in use (allocator + context)"),
                             (0.1, None, "planner: weights + KV + activations"),
                             (0.3, "plan_total", "planner total (+ context, NCCL, slack)")):
-        vals = [(r["plan_weights"] + r["plan_kv"] + r["plan_activations"] if key is None else r[key]) / gib for r in rows]
+        vals = [(r["plan_weights"] + r["plan_kv"] + r["plan_activations"] if key is None else r[key]) / gib
+                for r in rows]
         ax.bar([x + off for x in xs], vals, 0.2, label=label)
     ax.set_xticks(list(xs), [f"{r['shape'].split('-')[-1]} x{r['layers']} layers\n{r['context'] // 1024}K {r['mode']}"
                              + (f"\nb={r['block'] // 1024}K a={r['anchor'] // 1024}K\n{r['anchor_mode']}"

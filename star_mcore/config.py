@@ -126,7 +126,8 @@ def validate(cfg: RunConfig) -> None:
          f"inference.context_parallel_mode must be one of {', '.join(MODES)}, got {inf.context_parallel_mode!r}")
     need(inf.anchor_mode in ANCHOR_MODES,
          f"inference.anchor_mode must be one of {', '.join(ANCHOR_MODES)}, got {inf.anchor_mode!r}")
-    need(inf.partition in PARTITIONS, f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
+    need(inf.partition in PARTITIONS,
+         f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
     need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
     need(cfg.trainer.accelerator in ACCELERATORS,
          f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.trainer.accelerator!r}")

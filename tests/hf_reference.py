@@ -60,5 +60,6 @@ def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int,
         pos = list(range(a)) + list(range(s, s + len(blk)))
         out = hf(torch.tensor([ids]), position_ids=torch.tensor([pos]), use_cache=True)
         parts.append([(k[:, :, a:], v[:, :, a:]) for k, v in _kv(out)])
-    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2)) for i in range(len(parts[0]))]
+    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
+          for i in range(len(parts[0]))]
     return _decode(hf, kv, qry, len(ctx), n)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _smoke(script, out):
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--smoke", "--device", "cpu", "--out", str(out)],
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--smoke", "--device", "cpu",
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -25,7 +25,8 @@ WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp4": (1, 4), "tp2cp2": (2, 2)}
 
 
 def _variants(world):
-    out = [dict(name=f"{m}-{d}", mode=m, block=8, anchor=4, decode=d) for m in ("ring", "star") for d in ("graph", "eager")]
+    out = [dict(name=f"{m}-{d}", mode=m, block=8, anchor=4, decode=d)
+           for m in ("ring", "star") for d in ("graph", "eager")]
     if world == "cp1":
         out.append(dict(name="none-graph", mode="none", block=8, anchor=4, decode="graph"))
     return out

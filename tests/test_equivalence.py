@@ -19,7 +19,8 @@ def _contexts():
     g = torch.Generator().manual_seed(11)
     rand = lambda n: torch.randint(0, 101, (n,), generator=g).tolist()  # noqa: E731
     # uneven lengths; "L10" is shorter than one big block; "L3" leaves some ring chunks and star hosts empty
-    return {"L37": (rand(37), rand(5)), "L64": (rand(64), rand(3)), "L10": (rand(10), rand(1)), "L3": (rand(3), rand(2))}
+    return {"L37": (rand(37), rand(5)), "L64": (rand(64), rand(3)), "L10": (rand(10), rand(1)),
+            "L3": (rand(3), rand(2))}
 
 
 CONTEXTS = _contexts()
@@ -39,7 +40,8 @@ WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp3": (1, 3), "cp4": (1, 4), "tp2cp2": 
 # shared vs recompute phase 1: several blocks per host (L64 / block 4 = 16 blocks), anchor < and = block
 KV_PAIRS = [{"name": f"b{b}-a{a}-{p}", "ctx": CONTEXTS["L64"][0], "block": b, "anchor": a, "partition": p}
             for b, a in ((4, 2), (4, 4), (8, 8)) for p in ("uniform", "balanced")]
-PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a} for a in (0, 4, 8)]
+PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a}
+          for a in (0, 4, 8)]
 
 
 def _cases(world, ckpt):

@@ -35,7 +35,8 @@ def _launch_ranks(world: int, args, tmp: Path, env_extra=None):
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", **(env_extra or {}))
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
+                   **(env_extra or {}))
         err = open(tmp / f"rank{r}.err", "w")
         procs.append((subprocess.Popen([sys.executable, WORKER, *args], env=env, stderr=err, stdout=subprocess.DEVNULL,
                                        cwd=ROOT), err))

@@ -12,9 +12,11 @@ from star_mcore.config import InferenceConfig
 from star_mcore.inference.engine import Engine, NumericalError
 from star_mcore.inference.kv_cache import KVCache
 from star_mcore.inference.steps import EncodeSegment
-from star_mcore.model import LlamaArch, StarLlama, load_hf_llama
+from star_mcore.model.arch import LlamaArch
+from star_mcore.model.hf_checkpoint import load_hf_llama
+from star_mcore.model.llama import StarLlama
 from star_mcore.ops import math_attention
-from star_mcore.parallel import destroy_parallel, init_process_group, initialize_parallel
+from star_mcore.parallel.groups import destroy_parallel, init_process_group, initialize_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_e2e import star_phase2_error  # noqa: E402
@@ -88,7 +90,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
             kv_pairs: List[dict] = (), accelerator: str = "cpu") -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step
+      logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
@@ -101,7 +104,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
     try:
         for c in cases:
             eng = Engine(model, groups, InferenceConfig(
-                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=c["n"],
+                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+                tokens_to_generate=c["n"],
                 attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
                 partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
             gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
@@ -127,8 +131,8 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     and agree to fp32 rounding. Returns {tokens held, max |difference|}."""
     caches = {}
     for mode in ("shared", "recompute"):
-        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=1,
-                                                    anchor_mode=mode, partition=c["partition"]))
+        eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"],
+                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
         caches[mode] = KVCache(model.arch.num_layers)
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)

@@ -6,15 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 from ..config import load_config, to_yaml
 from ..errors import ConfigError, UserError
-
-# mcore announces at import that the CPU fallbacks (no Apex / Transformer Engine) are in use.
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
-warnings.filterwarnings("ignore", message=r".*cuda_graph_scope.*")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +39,7 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..inference.planner import device_capacity, plan
-    from ..inference.runner import longest_request, preflight
+    from ..inference.preflight import longest_request, preflight
 
     cfg = load_config(args.config, args.overrides)
     arch = preflight(cfg, launched=False)
@@ -111,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_report)
     p = sub.add_parser("plan", help="estimate per-GPU memory (weights, KV cache, activations) of a run")
     _config_args(p)
-    p.add_argument("--context-len", type=int, default=0, help="default: the input's longest request, else max positions")
+    p.add_argument("--context-len", type=int, default=0,
+                   help="default: the input's longest request, else max positions")
     p.add_argument("--query-len", type=int, default=64)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("config", help="print the resolved config")

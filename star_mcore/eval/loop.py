@@ -28,7 +28,8 @@ Key = Tuple[str, int, int]  # (task, length, sample index)
 
 def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
     """The samples ``path`` already holds for ``setting``; a line cut short by an interrupted run is ignored."""
-    return {(r["task"], r["length"], r["sample"]) for r in read_records(path) if complete_setting(r.get("setting") or {}) == setting}
+    return {(r["task"], r["length"], r["sample"]) for r in read_records(path)
+            if complete_setting(r.get("setting") or {}) == setting}
 
 
 def blocks(cfg: RunConfig, context_len: int) -> int:

@@ -59,7 +59,8 @@ NOUNS = ROLES + THINGS
 _VERBS_T = """admired borrowed built carried cleaned covered crossed described discovered followed guarded mended
 noticed opened painted polished pulled pushed remembered repaired searched shared sold studied touched visited
 washed watched wrapped sketched measured counted praised""".split()
-_VERBS_I = "rested waited wandered laughed sang slept listened paused smiled whispered worked hummed sighed lingered".split()
+_VERBS_I = ("rested waited wandered laughed sang slept listened paused smiled whispered worked hummed sighed "
+            "lingered").split()
 _ADVERBS = """slowly quietly gladly softly carefully briefly gently often rarely proudly patiently suddenly calmly
 silently eagerly""".split()
 _PREPS = "near beside behind below above across along beyond under around through toward".split()
@@ -85,7 +86,8 @@ _NOISE = ["The hills are green.", "The river is slow.", "The road is long.", "On
 
 def grammar_sentence(rng: random.Random) -> str:
     template = rng.choice(_TEMPLATES)
-    pools = {"a": ADJECTIVES, "s": ROLES, "n": THINGS, "vt": _VERBS_T, "vi": _VERBS_I, "adv": _ADVERBS, "p": _PREPS, "t": _TIMES}
+    pools = {"a": ADJECTIVES, "s": ROLES, "n": THINGS, "vt": _VERBS_T, "vi": _VERBS_I, "adv": _ADVERBS, "p": _PREPS,
+             "t": _TIMES}
     out, i = [], 0
     while True:  # fill each {slot} with a fresh draw (str.format would reuse one value per name)
         j = template.find("{", i)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..errors import RunError
-from ..model.arch import LlamaArch
-from ..model.llama import padded_vocab_size
+from ..model.arch import LlamaArch, padded_vocab_size
 from .modes import context_parallel_mode
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -9,7 +9,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,51 +18,14 @@ from ..config import RunConfig
 from ..errors import ConfigError, RunError, UserError
 from ..model.arch import LlamaArch
 from ..model.hf_checkpoint import load_hf_llama
-from ..model.llama import DTYPES, StarLlama
-from ..ops.attention import resolve_backend
-from ..parallel.groups import (ParallelGroups, cuda_allocator_defaults, destroy_parallel, init_process_group,
-                               initialize_parallel)
+from ..model.llama import StarLlama
+from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
 from .engine import ContextReuse, Engine
 from .logs import log
 from .planner import check_fits
+from .preflight import longest_request, preflight
 from .requests import IdTracker, RequestError, ResultWriter, Tokenizer, parse_request, read_lines
-
-
-def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
-    """What every command can check before process groups and weights exist (``launched``: also that the
-    world size matches TP x CP, which only holds inside the job)."""
-    ckpt = Path(cfg.checkpoint.hf_path)
-    if not (ckpt / "config.json").is_file():
-        raise RunError(f"checkpoint.hf_path={ckpt}: not an HF checkpoint directory (no config.json)")
-    try:
-        arch = LlamaArch.from_hf_dir(ckpt)
-    except (ValueError, KeyError) as e:
-        raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
-    if not any(ckpt.glob("*.safetensors")):
-        raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
-    if cfg.inference.apply_chat_template and not Tokenizer(str(ckpt)).has_chat_template():
-        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {ckpt} has no chat template")
-    tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched and world != tp * cp:
-        raise RunError(f"world size {world} != tensor_model_parallel_size ({tp}) x context_parallel_size ({cp}); "
-                       f"launch {tp * cp} processes (torchrun --nproc-per-node={tp * cp})")
-    if arch.num_heads % tp or arch.num_kv_heads % tp:
-        raise RunError(f"model.tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} attention "
-                       f"heads and {arch.num_kv_heads} KV heads")
-    if launched:
-        device = torch.device("cpu")
-        if cfg.trainer.accelerator == "gpu":
-            cuda_allocator_defaults()  # before the first CUDA call below
-            if not torch.cuda.is_available():
-                raise RunError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
-            device = torch.device("cuda")
-        try:  # a kernel that cannot run here is refused now, not after the weights are loaded
-            resolve_backend(cfg.inference.attention_backend, device, DTYPES[cfg.model.precision])
-        except ValueError as e:
-            raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
-    return arch
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -124,18 +87,6 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
     watchdog.stop()
     dist.barrier()
     destroy_parallel()
-
-
-def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
-    """(context, query) tokens of the input's longest valid request, for the memory planner."""
-    tok = Tokenizer(cfg.checkpoint.hf_path, chat=cfg.inference.apply_chat_template)
-    best = None
-    for line_no, line in read_lines(cfg.inference.input_path):
-        req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
-                            cfg.inference.tokens_to_generate)
-        if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
-            best = (len(req.context_ids), len(req.query_ids))
-    return best
 
 
 def run_generation(cfg: RunConfig) -> int:

@@ -87,7 +87,8 @@ class EncodeWithAnchor:
 class EncodeRing:
     """Phase 1 of ring mode: exact causal attention with KV passed around the CP group."""
 
-    def __init__(self, fn: AttnFn, cache: KVCache, group: dist.ProcessGroup, chunks: Sequence[Tuple[Span, Span]]) -> None:
+    def __init__(self, fn: AttnFn, cache: KVCache, group: dist.ProcessGroup,
+                 chunks: Sequence[Tuple[Span, Span]]) -> None:
         self.fn, self.cache, self.group, self.chunks = fn, cache, group, chunks
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -1,9 +1,6 @@
-"""Megatron-core Llama with this project's core attention, and HF checkpoint loading."""
+"""Megatron-core Llama with this project's core attention, and HF checkpoint loading.
 
-from .arch import LlamaArch
-from .core_attention import AttentionRuntime, AttentionStep, StarCoreAttention
-from .hf_checkpoint import SafetensorsReader, load_hf_llama
-from .llama import DTYPES, StarLlama, star_layer_spec
-
-__all__ = ["LlamaArch", "AttentionRuntime", "AttentionStep", "StarCoreAttention", "SafetensorsReader",
-           "load_hf_llama", "DTYPES", "StarLlama", "star_layer_spec"]
+Import the modules by name: ``arch`` (a checkpoint's shapes, the padded vocabulary) and ``tiny`` need no
+Megatron-core, so the commands that only plan or inspect (``star-mcore plan``, ``config``) start fast;
+``llama``, ``core_attention`` and ``hf_checkpoint`` build and load the model.
+"""

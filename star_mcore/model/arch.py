@@ -10,6 +10,11 @@ from typing import Any, Dict, List, Optional
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+def padded_vocab_size(vocab: int, tp: int) -> int:
+    """mcore's vocab-parallel layers need the vocabulary divisible by TP; pad rows are never chosen."""
+    return -(-vocab // tp) * tp
+
+
 @dataclass(frozen=True)
 class LlamaArch:
     vocab_size: int

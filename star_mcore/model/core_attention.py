@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Optional, Protocol, Tuple
 
 import torch
-from megatron.core.transformer.module import MegatronModule
+
+from ..mcore_compat import MegatronModule
 
 from ..ops.rope import apply_rope
 

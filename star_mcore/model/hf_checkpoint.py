@@ -86,7 +86,8 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
 
     def copy(dst: Tensor, value: Tensor, name: str) -> None:
         if dst.shape != value.shape:
-            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, model expects {tuple(dst.shape)}")
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(value.shape)}, "
+                             f"model expects {tuple(dst.shape)}")
         dst.copy_(value)
 
     def put(name: str, value: Tensor) -> None:

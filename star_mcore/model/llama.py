@@ -8,15 +8,13 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..mcore_compat import (ModuleSpec, TransformerConfig, get_gpt_layer_local_spec, make_gpt_model,
+                            make_transformer_config)
 from ..ops.rope import inv_frequencies, rope_cos_sin
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
-from .arch import LlamaArch
+from .arch import LlamaArch, padded_vocab_size
 from .core_attention import AttentionRuntime, AttentionStep, StarCoreAttention
 
 Tensor = torch.Tensor
@@ -31,7 +29,7 @@ def star_layer_spec(runtime: AttentionRuntime) -> ModuleSpec:
 
 
 def transformer_config(arch: LlamaArch, tp: int, cp: int, dtype: torch.dtype, on_cpu: bool) -> TransformerConfig:
-    return TransformerConfig(
+    return make_transformer_config(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.intermediate_size,
@@ -63,11 +61,6 @@ def transformer_config(arch: LlamaArch, tp: int, cp: int, dtype: torch.dtype, on
     )
 
 
-def padded_vocab_size(vocab: int, tp: int) -> int:
-    """mcore's vocab-parallel layers need the vocabulary divisible by TP; pad rows are never chosen."""
-    return -(-vocab // tp) * tp
-
-
 class StarLlama:
     """GPTModel + the rotary frequencies + the attention runtime the engine drives.
 
@@ -86,7 +79,7 @@ class StarLlama:
         self.tp = groups.tp
         self.runtime = AttentionRuntime(arch.num_layers)
         config = transformer_config(arch, tp, groups.cp_size, self.dtype, on_cpu=self.device.type == "cpu")
-        self.gpt = GPTModel(
+        self.gpt = make_gpt_model(
             config=config,
             transformer_layer_spec=star_layer_spec(self.runtime),
             vocab_size=padded_vocab_size(arch.vocab_size, tp),

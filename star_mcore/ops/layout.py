@@ -28,7 +28,8 @@ def even_split(n: int, parts: int) -> List[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def star_blocks(context_len: int, block_size: int, cp_size: int, first_block_size: Optional[int] = None) -> List[List[Span]]:
+def star_blocks(context_len: int, block_size: int, cp_size: int,
+                first_block_size: Optional[int] = None) -> List[List[Span]]:
     """Cut the context into blocks of ``block_size`` (the last may be shorter) and spread them
     contiguously over ``cp_size`` hosts. Returns the blocks of each host (possibly none).
 
@@ -54,7 +55,8 @@ def star_layout(context_len: int, block_size: int, anchor_size: int, partition: 
     return star_blocks(context_len, block_size, cp_size, first_block_size=first)
 
 
-def star_block_tokens(context_ids: torch.Tensor, block: Span, anchor_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def star_block_tokens(context_ids: torch.Tensor, block: Span,
+                      anchor_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Token ids, position ids and anchor length of one phase-1 star segment.
 
     Block 0 is encoded alone. Block k >= 1 is ``c[0:a] ++ c[block]`` with positions

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.process_groups_config import ProcessGroupCollection
+
+from ..mcore_compat import ProcessGroupCollection, parallel_state
 
 
 @dataclass
