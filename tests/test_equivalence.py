@@ -133,12 +133,24 @@ def test_full_forward_matches_hf(gqa_ckpt):
 
 
 def test_tied_embeddings_mha_matches_hf(mha_tied_ckpt):
+    """Tied input/output embeddings: one tensor in memory (the output layer has no weight of its own, and the
+    model holds exactly the checkpoint's bytes, as the planner counts), and the logits of HF."""
+    from safetensors import safe_open
+
+    from star_mcore.inference.planner import weight_bytes
+    from star_mcore.model.arch import LlamaArch
+
     ctx, qry = CONTEXTS["L37"][0], CONTEXTS["L37"][1]
     ctx = [t % 64 for t in ctx]
     qry = [t % 64 for t in qry]
     cases = [dict(name="ring", mode="ring", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW),
              dict(name="star", mode="star", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW)]
     ranks = run_world(2, battery, mha_tied_ckpt, 1, 2, cases)
+    with safe_open(f"{mha_tied_ckpt}/model.safetensors", framework="pt") as f:
+        checkpoint_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    for r in ranks:
+        assert not r["output_layer_weight"]
+        assert r["param_bytes"] == checkpoint_bytes == weight_bytes(LlamaArch.from_hf_dir(mha_tied_ckpt), 1, "fp32")
     got = ranks[1]["cases"]
     tokens, logits = global_generate(mha_tied_ckpt, ctx, qry, N_NEW)
     assert (torch.tensor(got["ring"]["logits"]) - logits).abs().max().item() <= TOL

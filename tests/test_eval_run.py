@@ -46,6 +46,7 @@ def test_every_sample_gets_a_scored_line(first_run):
         assert 0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) and r["references"]
         s = r["setting"]
         assert (s["context_parallel_mode"], s["hosts"], s["block_size"], s["anchor_size"]) == ("star", 2, 64, 64)
+        assert r["context_tokens"] < r["prompt_tokens"] and r["blocks"] == -(-r["context_tokens"] // 64)
     assert r["metric"] == "string_match_all" and len(recs[-1]["references"]) == 5  # vt: five variables
     notes = [line for line in res.stderr.splitlines() if "note: skipping" in line]
     assert len(notes) == 1 and "qa_1 (no eval.squad_path)" in notes[0]
@@ -97,7 +98,11 @@ def test_eval_report_writes_a_table_and_a_plot(first_run, tmp_path):
     res = star_mcore("eval-report", str(out), "--out", str(tmp_path / "report.md"))
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "report.md").read_text()
-    assert "| star x2 a=b |" in md and "| niah_single_2 |" in md and "### 450 tokens" in md
+    # 2 hosts ran 64-token blocks: fewer at 300 tokens than at 450
+    blocks = sorted({json.loads(line)["blocks"] for line in out.read_text().splitlines()})
+    label = f"star {blocks[0]}-{blocks[-1]} blocks a=b"
+    assert blocks[0] < blocks[-1] and f"| {label} | " in md and f"| task | {label} |" in md
+    assert "| niah_single_2 |" in md and "### 450 tokens" in md
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -117,15 +122,16 @@ def test_eval_report_compares_means_only_over_the_same_tasks(tmp_path):
             for task, score in tasks.items():
                 f.write(json.dumps({"benchmark": "ruler", "task": task, "length": 256, "sample": 0,
                                     "score": score, "setting": setting}) + "\n")
-    s = summary(*aggregate(load_records([str(path)])))["ruler"]
-    assert s["overall"] == {("none", 256): 90.0, ("star x4 a=b", 256): 70.0, ("star x4 a=0", 256): 80.0}
-    assert s["common"] == {256: ["niah_single_1"]} and s["shared"][("star x4 a=b/2", 256)] == 50.0
+    s = summary(*aggregate(load_records([str(path)])))["ruler"]  # 256 tokens in blocks of 64: 4 blocks
+    assert s["overall"] == {("none", 256): 90.0, ("star 4 blocks a=b", 256): 70.0, ("star 4 blocks a=0", 256): 80.0}
+    assert s["common"] == {256: ["niah_single_1"]} and s["shared"][("star 4 blocks a=b/2", 256)] == 50.0
     md = markdown({"ruler": s}, [str(path)])
-    assert "| star x4 a=b/2 | – |" in md and "| star x4 a=b | 70.0 (78%) |" in md
-    assert "### Mean over the 1 tasks every setting ran at 256 tokens" in md and "| star x4 a=b/2 | 50.0 (50%) |" in md
+    assert "| star 4 blocks a=b/2 | – |" in md and "| star 4 blocks a=b | 70.0 (78%) |" in md
+    assert "### Mean over the 1 tasks every setting ran at 256 tokens" in md
+    assert "| star 4 blocks a=b/2 | 50.0 (50%) |" in md
     assert "| *mean* | *90.0* | *70.0* | – | *80.0* |" in md
     assert "| *mean of the 1 shared tasks* | *100.0* | *100.0* | *50.0* | *100.0* |" in md
-    curve = _anchor_curves(s)["star x4 @ 256"]
+    curve = _anchor_curves(s)["star 4 blocks @ 256"]
     assert curve == dict(points=[(0.0, 100.0), (0.5, 50.0), (1.0, 100.0)], reference=100.0, tasks=1)
     md_path, png_path = write_report([str(path)], str(tmp_path / "report.md"))
     assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,3 +154,42 @@ def test_bad_eval_runs_fail_with_one_clear_line(probe_tiny, args, message, capsy
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("star-mcore: error: "), lines
     assert message in lines[0]
+
+
+def test_star_labels_count_blocks_not_hosts(tmp_path):
+    """4 blocks run on one device are ``star 4 blocks`` (not ``x1``): from the recorded count, or, for results
+    written before it was, from the context (or prompt) tokens and the block size; ring keeps its hosts."""
+    from star_mcore.eval.report import label_settings
+
+    def rec(mode, hosts, block, length, **extra):
+        setting = complete_setting({"context_parallel_mode": mode, "hosts": hosts, "block_size": block,
+                                    "anchor_size": block})
+        return {"task": "vt", "length": length, "sample": 0, "score": 1.0, "setting": setting, **extra}
+
+    records = [rec("star", 1, 1024, 4096, prompt_tokens=4090),  # older result: no count, no context tokens
+               rec("star", 1, 512, 4096, context_tokens=1500, blocks=3),
+               rec("star", 4, 256, 1024, context_tokens=1000),
+               rec("ring", 4, 256, 1024)]
+    labels = sorted(label_settings(records)[0].values())  # the two 4-block runs, at different lengths, share one
+    assert labels == ["ring x4", "star 3 blocks a=b", "star 4 blocks a=b", "star 4 blocks a=b"]
+
+
+def test_eval_report_needs_neither_torch_nor_megatron(tmp_path):
+    """Reading result files and writing the report imports no torch, Megatron-core or transformers (a machine
+    without them can make the tables)."""
+    path = tmp_path / "r.jsonl"
+    setting = complete_setting({"context_parallel_mode": "star", "hosts": 1, "block_size": 64, "anchor_size": 64})
+    path.write_text(json.dumps({"benchmark": "ruler", "task": "vt", "length": 256, "sample": 0, "score": 1.0,
+                                "setting": setting}) + "\n")
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'megatron', 'transformers'):\n"
+               "            raise ImportError('blocked: ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from star_mcore.cli.main import main\n"
+               "sys.exit(main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, "-c", blocker, "eval-report", str(path), "--out", str(tmp_path / "r.md")],
+                         capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| star 4 blocks a=b | 100.0 |" in (tmp_path / "r.md").read_text()

@@ -33,6 +33,9 @@ class Tok:
     def encode(self, text, add_bos):
         return ([1] if add_bos else []) + self.t.encode(text, add_special_tokens=False).ids
 
+    def prompt(self, context, query):
+        return self.encode(context, True), self.encode(query, False)
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
@@ -45,8 +48,8 @@ def tok(tmp_path_factory):
 
 
 class _Words:
-    def encode(self, text, add_bos):
-        return text.split()
+    def prompt(self, context, query):
+        return context.split(), query.split()
 
 
 def _haystack_span(context):
@@ -196,8 +199,8 @@ def test_qa_tasks_read_local_squad_and_hotpotqa_files(tmp_path, tok):
 
 def test_fit_finds_the_largest_filler_that_fits_and_refuses_what_cannot():
     class Chars:
-        def encode(self, text, add_bos):
-            return list(text)
+        def prompt(self, context, query):
+            return list(context), list(query)
 
     build = lambda n: ("x" * (10 + 3 * n), "q")  # noqa: E731 - 11 + 3n tokens
     n, ctx, qry, tokens = fit(Chars(), build, 1000)

@@ -97,7 +97,10 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
     groups, model = _setup(ckpt, tp, cp, precision, accelerator)
     res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {},
-                           "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()})}
+                           "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()}),
+                           # every tensor the model holds, each once (tied embeddings: one tensor, two uses)
+                           "param_bytes": sum(p.numel() * p.element_size() for p in model.gpt.parameters()),
+                           "output_layer_weight": model.gpt.output_layer.weight is not None}
     try:
         for c in cases:
             eng = Engine(model, groups, InferenceConfig(

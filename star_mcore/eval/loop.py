@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, RunError
 from ..inference.requests import ResultWriter, read_records
 from ..inference.runner import log, open_session, preflight
+from ..ops.layout import star_layout
 from .settings import complete_setting, setting_of
 from .tasks import Task, select
 from .text import TooShort
@@ -29,6 +30,15 @@ def read_done(path: str, setting: Dict[str, Any]) -> Set[Key]:
     """The samples ``path`` already holds for ``setting``; a line cut short by an interrupted run is ignored."""
     return {(r["task"], r["length"], r["sample"]) for r in read_records(path)
             if complete_setting(r.get("setting") or {}) == setting}
+
+
+def blocks(cfg: RunConfig, context_len: int) -> int:
+    """How many pieces phase 1 encoded the context in: star's blocks (whatever the hosts that ran them),
+    otherwise 1 (global attention)."""
+    inf = cfg.inference
+    if inf.context_parallel_mode != "star":
+        return 1
+    return sum(len(h) for h in star_layout(context_len, inf.block_size, inf.anchor_size, inf.partition, 1))
 
 
 def _tasks_and_data(cfg: RunConfig, benchmark: str) -> Tuple[List[Task], Dict[str, Any], List[str]]:
@@ -108,18 +118,19 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
                                 log(f"note: {task.name} at {length} tokens skipped: {e}")
                             bar.update(ev.samples - i)
                             break
-                        ctx = torch.tensor(tok.encode(sample.context, add_bos=True), dtype=torch.long)
-                        qry = torch.tensor(tok.encode(sample.query, add_bos=False), dtype=torch.long)
-                        if max(int(ctx.max()), int(qry.max())) >= arch.vocab_size:
+                        ctx, qry = tok.prompt(sample.context, sample.query)  # the chat template, if configured
+                        if max(ctx + qry) >= arch.vocab_size:
                             raise RunError(f"checkpoint.hf_path={ckpt}: the tokenizer's ids exceed the model's "
                                            f"vocabulary ({arch.vocab_size})")
-                        gen = s.engine.generate(ctx, qry, tokens_to_generate=budget[task.name])
+                        gen = s.engine.generate(torch.tensor(ctx), torch.tensor(qry),
+                                                tokens_to_generate=budget[task.name])
                         prediction = tok.decode(gen.generated_ids)
                         score = task.score(prediction, sample.references)
                         scores.setdefault(task.name, []).append(score)
                         if writer:
                             writer.write({"benchmark": benchmark, "task": task.name, "length": length, "sample": i,
                                           "depth": sample.depth, "prompt_tokens": sample.tokens,
+                                          "context_tokens": len(ctx), "blocks": blocks(cfg, len(ctx)),
                                           "prediction": prediction, "references": sample.references,
                                           "metric": task.metric, "score": score, **gen.timings,
                                           "setting": setting})

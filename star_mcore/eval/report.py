@@ -16,6 +16,17 @@ from .tasks import TASKS
 _MODE_KEYS = ("context_parallel_mode", "hosts", "block_size", "anchor_size")
 
 
+def star_blocks(record: Dict[str, Any]) -> int:
+    """The star blocks phase 1 encoded a sample's context in: recorded by ``eval``; for results written before
+    it was, counted from the block size and the context (or the prompt, or the length) tokens."""
+    if "blocks" in record:
+        return int(record["blocks"])
+    s = record["setting"]
+    n = record.get("context_tokens") or record.get("prompt_tokens") or record["length"]
+    first = s["block_size"] + (s["anchor_size"] if s.get("partition") == "balanced" else 0)
+    return 1 + max(0, -(-(n - first) // s["block_size"]))
+
+
 def load_records(paths: Sequence[str]) -> List[Dict[str, Any]]:
     records = []
     for path in paths:
@@ -38,27 +49,35 @@ def _anchor(anchor: int, block: int) -> str:
 
 
 def label_settings(records: List[Dict[str, Any]]) -> Tuple[Dict[str, str], Dict[str, Tuple[str, float]]]:
-    """setting (as sorted JSON) -> a short label: ``none``, ``ring x4``, ``star x4 a=b/4`` (anchor relative to the
-    block), plus the block where two star settings would otherwise share a label at one length, plus any other
-    setting key that differs between the runs (model, precision, seed, ...). Also: star label -> (its label
-    without the anchor, anchor / block), the points of the anchor-size curve."""
+    """setting (as sorted JSON) -> a short label: ``none``, ``ring x4`` (hosts), ``star 4 blocks a=b/4`` (the blocks
+    phase 1 cut the context into, whatever hosts ran them, and the anchor relative to the block; ``2-4 blocks``
+    where lengths differ), plus the block where two star settings would otherwise share a label at one length,
+    plus any other setting key that differs between the runs (model, precision, seed, ...). Also: star label ->
+    (its label without the anchor, anchor / block), the points of the anchor-size curve."""
     settings: Dict[str, Dict[str, Any]] = {}
     lengths: Dict[str, set] = defaultdict(set)
+    n_blocks: Dict[str, set] = defaultdict(set)
     for r in records:
         key = json.dumps(r["setting"], sort_keys=True)
         settings[key] = r["setting"]
         lengths[key].add(r["length"])
+        if r["setting"]["context_parallel_mode"] == "star":
+            n_blocks[key].add(star_blocks(r))
     keys = sorted({k for s in settings.values() for k in s} - set(_MODE_KEYS))
     varying = [k for k in keys if len({json.dumps(s.get(k)) for s in settings.values()}) > 1]
 
-    def base(s: Dict[str, Any]) -> str:
+    def base(key: str, s: Dict[str, Any]) -> str:
         mode = s["context_parallel_mode"]
-        text = {"none": "none", "ring": f"ring x{s['hosts']}"}.get(mode) or \
-            f"star x{s['hosts']} a={_anchor(s['anchor_size'], s['block_size'])}"
+        if mode == "star":
+            lo, hi = min(n_blocks[key]), max(n_blocks[key])
+            count = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            text = f"star {count} block{'s' if hi > 1 else ''} a={_anchor(s['anchor_size'], s['block_size'])}"
+        else:
+            text = {"none": "none", "ring": f"ring x{s['hosts']}"}.get(mode, mode)
         extra = [f"{k}={os.path.basename(str(s.get(k))) if k == 'model' else s.get(k)}" for k in varying]
         return text + (f" ({', '.join(extra)})" if extra else "")
 
-    labels = {k: base(s) for k, s in settings.items()}
+    labels = {k: base(k, s) for k, s in settings.items()}
     by_label: Dict[str, List[str]] = defaultdict(list)
     for k, lab in labels.items():
         if settings[k]["context_parallel_mode"] == "star":
@@ -145,8 +164,9 @@ def markdown(summ: Dict[str, Dict[str, Any]], sources: Sequence[str]) -> str:
     lines = ["# Eval results", "",
              f"From {', '.join(f'`{s}`' for s in sources)}. Scores: RULER's string match in % (mean over samples); "
              "*mean* is over the tasks. In brackets, the share of global attention's score at the same length "
-             "(`none`, or `ring` where `none` did not run). Star labels give hosts (`x4`) and the anchor relative "
-             "to the block (`a=b`, `a=b/4`, `a=0`).", ""]
+             "(`none`, or `ring` where `none` did not run). Star labels give the blocks phase 1 cut the context "
+             "into (`4 blocks`, whatever hosts ran them) and the anchor relative to the block (`a=b`, `a=b/4`, "
+             "`a=0`); ring labels give its hosts (`x4`).", ""]
     for bench, s in summ.items():
         labels, lengths, ref = s["labels"], s["lengths"], s["reference"]
         lines += [f"## {bench}", "", "### Mean over tasks", "",
@@ -258,7 +278,7 @@ def _fraction(frac: float) -> str:
 
 
 def _anchor_curves(s: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """"star x4 @ 8192" -> {points: [(anchor / block, mean score)], reference, tasks}, for star runs that differ
+    """"star 4 blocks @ 8192" -> {points: [(anchor / block, mean score)], reference, tasks}, for star runs that differ
     only in the anchor: each point and the reference (global attention) are means over the same tasks, those
     that every point of the curve ran."""
     groups: Dict[str, List[str]] = defaultdict(list)

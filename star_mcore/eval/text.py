@@ -15,14 +15,17 @@ from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 
 class TextTokenizer(Protocol):
-    """What the generators need of a tokenizer (``inference.requests.Tokenizer`` is one)."""
+    """What the generators need of a tokenizer (``inference.requests.Tokenizer`` is one): a prompt's
+    (context ids, query ids) as the engine gets them."""
 
-    def encode(self, text: str, add_bos: bool) -> List[int]: ...
+    def prompt(self, context: str, query: str) -> Tuple[List[int], List[int]]: ...
 
 
 def prompt_tokens(tok: TextTokenizer, context: str, query: str) -> int:
-    """Tokens the engine gets: BOS + context (phase 1) and the query (phase 2), tokenized apart."""
-    return len(tok.encode(context, add_bos=True)) + len(tok.encode(query, add_bos=False))
+    """Tokens the engine gets: the context (phase 1) and the query (phase 2), as ``tok.prompt`` makes them (BOS
+    + context and the query tokenized apart, or both inside the chat template)."""
+    ctx, qry = tok.prompt(context, query)
+    return len(ctx) + len(qry)
 
 
 @dataclass

@@ -40,7 +40,8 @@ def weight_bytes(arch: LlamaArch, tp: int, precision: str) -> int:
     h, hd = arch.hidden_size, arch.head_dim
     per_layer = (h * (arch.num_heads + 2 * arch.num_kv_heads) * hd + arch.num_heads * hd * h
                  + 3 * h * arch.intermediate_size) // tp + 2 * h
-    vocab = padded_vocab_size(arch.vocab_size, tp) // tp * h * 2  # embedding + output layer shards
+    heads = 1 if arch.tie_word_embeddings else 2  # tied: the output layer uses the embedding's tensor
+    vocab = padded_vocab_size(arch.vocab_size, tp) // tp * h * heads  # embedding + output layer shards
     return (arch.num_layers * per_layer + vocab + h) * DTYPE_BYTES[precision]
 
 

@@ -29,6 +29,8 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
         raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
     if not any(ckpt.glob("*.safetensors")):
         raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
+    if cfg.inference.apply_chat_template and not Tokenizer(str(ckpt)).has_chat_template():
+        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {ckpt} has no chat template")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched and world != tp * cp:
@@ -57,14 +59,11 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
 
 def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
     """(context, query) tokens of the input's longest valid request, for the memory planner."""
-    tok = Tokenizer(cfg.checkpoint.hf_path)
-    if cfg.inference.apply_chat_template and not tok.has_chat_template():
-        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {cfg.checkpoint.hf_path} has no "
-                       "chat template")
+    tok = Tokenizer(cfg.checkpoint.hf_path, chat=cfg.inference.apply_chat_template)
     best = None
     for line_no, line in read_lines(cfg.inference.input_path):
         req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
-                            cfg.inference.tokens_to_generate, cfg.inference.apply_chat_template)
+                            cfg.inference.tokens_to_generate)
         if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
             best = (len(req.context_ids), len(req.query_ids))
     return best

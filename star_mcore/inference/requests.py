@@ -1,13 +1,15 @@
-"""Request and result JSONL: reading, tokenizing and checking requests; one output line per request."""
+"""Request and result JSONL: reading, tokenizing and checking requests; one output line per request.
+
+Plain Python (no torch): ``eval-report`` reads result files through this module.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
-
-import torch
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 class RequestError(ValueError):
@@ -17,18 +19,21 @@ class RequestError(ValueError):
 @dataclass
 class Request:
     id: Any
-    context_ids: Optional[torch.Tensor] = None
-    query_ids: Optional[torch.Tensor] = None
+    context_ids: Optional[List[int]] = None
+    query_ids: Optional[List[int]] = None
     text: bool = False  # came as text: the output gets decoded text too
     error: Optional[str] = None
 
 
 class Tokenizer:
-    """The checkpoint's tokenizer, loaded on first use (only text requests need it)."""
+    """The checkpoint's tokenizer, loaded on first use (only text requests need it). ``chat``: prompts are
+    wrapped in its chat template (``inference.apply_chat_template``)."""
 
-    def __init__(self, hf_path: str) -> None:
+    def __init__(self, hf_path: str, chat: bool = False) -> None:
         self.hf_path = hf_path
+        self.chat = chat
         self._tok = None
+        self._add_bos = True
 
     def _get(self):
         if self._tok is None:
@@ -38,14 +43,25 @@ class Tokenizer:
             from transformers import AutoTokenizer
 
             self._tok = AutoTokenizer.from_pretrained(self.hf_path, local_files_only=True)
+            config = Path(self.hf_path) / "tokenizer_config.json"
+            if config.is_file():  # a checkpoint that says its prompts start without BOS (SmolLM2) gets none
+                self._add_bos = json.loads(config.read_text()).get("add_bos_token", True) is not False
         return self._tok
 
     def encode(self, text: str, add_bos: bool) -> List[int]:
         tok = self._get()
         ids = tok.encode(text, add_special_tokens=False)
-        if add_bos and tok.bos_token_id is not None:
+        if add_bos and self._add_bos and tok.bos_token_id is not None:
             ids = [tok.bos_token_id] + ids
         return ids
+
+    def prompt(self, context: str, query: str) -> Tuple[List[int], List[int]]:
+        """The one way a text prompt becomes what the engine gets, for ``generate``, ``eval`` and the demo:
+        (context ids for phase 1, query ids for phase 2). Plain: BOS + context, and the query tokenized
+        apart; ``chat``: see :meth:`encode_chat`."""
+        if self.chat:
+            return self.encode_chat(context, query)
+        return self.encode(context, add_bos=True), self.encode(query, add_bos=False)
 
     def decode(self, ids: List[int]) -> str:
         return self._get().decode(ids, skip_special_tokens=True)
@@ -56,7 +72,7 @@ class Tokenizer:
         except RequestError:  # no tokenizer at all
             return False
 
-    def encode_chat(self, context: str, query: str) -> tuple:
+    def encode_chat(self, context: str, query: str) -> Tuple[List[int], List[int]]:
         """The chat template applied to one user turn ``context + query`` (plus the assistant header), cut
         where the query starts: (context ids for phase 1, query ids for phase 2). The template's own special
         tokens (BOS, headers) come from the template, not added again."""
@@ -68,20 +84,27 @@ class Tokenizer:
         return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
 
 
-def _ids(value: Any, key: str, vocab_size: int) -> torch.Tensor:
+def _ids(value: Any, key: str, vocab_size: int) -> List[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise RequestError(f"{key} must be a list of integers")
     bad = [t for t in value if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"{key} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
-    return torch.tensor(value, dtype=torch.long)
+    return value
 
 
-def parse_request(line: str, line_no: int, tokenizer: Tokenizer, vocab_size: int, max_positions: int,
-                  tokens_to_generate: int, chat: bool = False) -> Request:
-    """One JSONL line -> a Request (with ``error`` set instead of raising for anything wrong with it)."""
+def parse_request(line: bytes | str, line_no: int, tokenizer: Tokenizer, vocab_size: int, max_positions: int,
+                  tokens_to_generate: int) -> Request:
+    """One JSONL line -> a Request (with ``error`` set instead of raising for anything wrong with it).
+    Text requests go through ``tokenizer.prompt`` (the chat template where the tokenizer has ``chat``)."""
     rid: Any = f"line-{line_no}"
     try:
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RequestError(f"line {line_no} is not valid UTF-8 (byte {e.start + 1}: "
+                                   f"{line[e.start:e.start + 1]!r})") from None
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -96,11 +119,7 @@ def parse_request(line: str, line_no: int, tokenizer: Tokenizer, vocab_size: int
         elif "context" in obj or "query" in obj:
             if not isinstance(obj.get("context"), str) or not isinstance(obj.get("query"), str):
                 raise RequestError("context and query must both be strings")
-            if chat:
-                ctx_ids, qry_ids = tokenizer.encode_chat(obj["context"], obj["query"])
-            else:
-                ctx_ids = tokenizer.encode(obj["context"], add_bos=True)
-                qry_ids = tokenizer.encode(obj["query"], add_bos=False)
+            ctx_ids, qry_ids = tokenizer.prompt(obj["context"], obj["query"])
             ctx, qry = _ids(ctx_ids, "context", vocab_size), _ids(qry_ids, "query", vocab_size)
             text = True
         else:
@@ -118,9 +137,10 @@ def parse_request(line: str, line_no: int, tokenizer: Tokenizer, vocab_size: int
         return Request(rid, error=str(e))
 
 
-def read_lines(path: str) -> Iterator[tuple]:
-    """(line number, text) of each non-blank line."""
-    with open(path, encoding="utf-8") as f:
+def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line; :func:`parse_request` decodes them, so a line that is not
+    UTF-8 is that request's error, not the run's."""
+    with open(path, "rb") as f:
         for i, line in enumerate(f, start=1):
             if line.strip():
                 yield i, line
@@ -129,6 +149,33 @@ def read_lines(path: str) -> Iterator[tuple]:
 def id_key(rid: Any) -> str:
     """Request ids may be any JSON value; compare them by their JSON text."""
     return json.dumps(rid, sort_keys=True)
+
+
+class IdTracker:
+    """Duplicate ids and resuming, by the order requests come in. The first request with an id runs; a later
+    one with the same id gets an error line (results are matched to requests by id). A request is skipped on
+    resume when the output already holds as many lines with its id as there were requests with it up to here,
+    so a duplicate's error line is written once, and never lost when a run stops between the two."""
+
+    def __init__(self, output_path: str) -> None:
+        self.done = Counter(id_key(r["id"]) for r in read_records(output_path)
+                            if "id" in r and ("generated_ids" in r or "error" in r))
+        self.seen: Counter = Counter()
+        self.first_line: Dict[str, int] = {}
+
+    @property
+    def finished(self) -> int:
+        return sum(self.done.values())
+
+    def admit(self, req: Request, line_no: int) -> bool:
+        """Whether ``req`` still needs an output line; sets its error if it repeats an earlier id."""
+        key = id_key(req.id)
+        self.seen[key] += 1
+        first = self.first_line.setdefault(key, line_no)
+        if self.seen[key] > 1:
+            req.error = (f"duplicate id {json.dumps(req.id)}: line {first} has the same id; give each request "
+                         "its own id (results are matched to requests by id)")
+        return self.seen[key] > self.done[key]
 
 
 def read_records(path: str) -> Iterator[Dict[str, Any]]:
@@ -144,11 +191,6 @@ def read_records(path: str) -> Iterator[Dict[str, Any]]:
                 continue
             if isinstance(rec, dict):
                 yield rec
-
-
-def finished_ids(path: str) -> set:
-    """Keys of the requests already answered (result or error) in an existing output file."""
-    return {id_key(r["id"]) for r in read_records(path) if "id" in r and ("generated_ids" in r or "error" in r)}
 
 
 class ResultWriter:

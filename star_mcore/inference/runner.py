@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
@@ -24,7 +25,7 @@ from .engine import ContextReuse, Engine
 from .logs import log
 from .planner import check_fits
 from .preflight import longest_request, preflight
-from .requests import RequestError, ResultWriter, Tokenizer, finished_ids, id_key, parse_request, read_lines
+from .requests import IdTracker, RequestError, ResultWriter, Tokenizer, parse_request, read_lines
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -79,7 +80,7 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, inf, arch.eos_token_ids)
-        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path),
+        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template),
                       writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
         _fail(watchdog, rank, e)
@@ -103,21 +104,22 @@ def run_generation(cfg: RunConfig) -> int:
         check_fits(cfg, arch, *longest)
     with open_session(cfg, arch) as s:
         tokenizer, engine = s.tokenizer, s.engine
-        done = finished_ids(inf.output_path)  # every rank reads it before the writer appends: same skips
+        ids = IdTracker(inf.output_path)  # every rank reads it before the writer appends: same skips
         dist.barrier()
         writer = ResultWriter(inf.output_path) if s.writer else None
-        if writer is not None and done:
-            log(f"resuming: {len(done)} request(s) already in {inf.output_path} are skipped")
+        if writer is not None and ids.finished:
+            log(f"resuming: {ids.finished} request(s) already in {inf.output_path} are skipped")
         n_ok = n_err = 0
         contexts = ContextReuse(engine)  # consecutive requests over one context: one phase 1
         for line_no, line in read_lines(inf.input_path):
             req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
-                                inf.tokens_to_generate, inf.apply_chat_template)
-            if id_key(req.id) in done:
+                                inf.tokens_to_generate)
+            if not ids.admit(req, line_no):
                 continue
             if req.error is None:
                 try:
-                    gen = contexts.generate(req.context_ids, req.query_ids, save_logits=inf.save_logits)
+                    gen = contexts.generate(torch.tensor(req.context_ids), torch.tensor(req.query_ids),
+                                            save_logits=inf.save_logits)
                 except RequestError as e:  # raised the same way on every rank
                     req.error = str(e)
             if req.error is not None:
@@ -132,7 +134,6 @@ def run_generation(cfg: RunConfig) -> int:
                 record.update(gen.timings)
                 record["context_reused"] = gen.context_reused
                 n_ok += 1
-            done.add(id_key(req.id))
             if writer is not None:
                 writer.write(record)
                 log(f"request {req.id}: " + (f"error: {req.error}" if req.error else

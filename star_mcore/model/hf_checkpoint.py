@@ -133,9 +133,9 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
         put(dst + "mlp.linear_fc2.weight", reader.read(src + "mlp.down_proj.weight", cols=(f0, f1)))
 
     put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
-    head = ("lm_head.weight" if (not a.tie_word_embeddings and "lm_head.weight" in reader)
-            else "model.embed_tokens.weight")
-    put_vocab_rows("output_layer.weight", head)
+    if not a.tie_word_embeddings:  # tied: the output layer uses the embedding, loaded above, and has no weight
+        head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+        put_vocab_rows("output_layer.weight", head)
 
     missing = sorted(set(params) - set(loaded))
     if missing:

@@ -87,7 +87,8 @@ class StarLlama:
             pre_process=True,
             post_process=True,
             parallel_output=True,  # vocab-sharded logits; gathered by parallel.gather_vocab_shards
-            share_embeddings_and_output_weights=False,
+            # Tied embeddings are one tensor: the output layer allocates no weight of its own (see ``logits``).
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="none",  # RoPE frequencies come from position ids, below
             pg_collection=groups.pg_collection,
         ).to(device=self.device, dtype=self.dtype).eval()  # mcore's torch RMSNorm is built in fp32: bf16 end to end
@@ -120,5 +121,6 @@ class StarLlama:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [s, 1, h] -> float32 logits [s, vocab] (padding rows dropped)."""
-        out, _ = self.gpt.output_layer(hidden)
+        weight = self.gpt.shared_embedding_or_output_weight() if self.arch.tie_word_embeddings else None
+        out, _ = self.gpt.output_layer(hidden, weight=weight)
         return gather_vocab_shards(out[:, 0].float(), self.tp)[:, : self.arch.vocab_size]
