@@ -3,8 +3,8 @@
 mcore's SelfAttention does the QKV projection, then calls ``core_attention(q, k, v, ...)`` with q [sq, b, hq, d]
 and k, v [sq, b, hk, d] of the tokens of this forward pass (this TP rank's heads). RoPE is applied here, with the
 angles the model computed once for the forward pass (:attr:`AttentionRuntime.rope`). What attention means for
-those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is
-decided by the inference engine, which sets :attr:`AttentionRuntime.step` before each forward pass.
+those tokens (phase-1 star block, ring, phase-2 query over a sharded KV cache, ...) is decided by the inference
+engine, which attaches the step for its forward passes (``with model.attending(step)``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Optional, Protocol, Tuple
 import torch
 
 from ..mcore_compat import MegatronModule
-
 from ..ops.rope import apply_rope
 
 Tensor = torch.Tensor
