@@ -97,5 +97,5 @@ def run_demo(workdir: str, nproc: int = 4, context_len: int = 2048, model: Optio
                   f"{r['phase1_s']:8.3f} {r['phase2_s']:8.3f}")
     print("ring is exact global attention (logits equal to none's up to float rounding); star approximates phase 1\n"
           "with anchor blocks, so its logits differ a little. CPU timings with more ranks than cores say nothing\n"
-          "about GPU speed: docs/performance.md has the H100 numbers.")
+          "about GPU speed: docs/performance.md has the H100 and H200 numbers.")
     return 0
