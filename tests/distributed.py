@@ -5,13 +5,35 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import random
 import socket
 import traceback
 from typing import Any, Callable, List
 
 
+def _ephemeral_range() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that binds now, chosen below the kernel's ephemeral range: a port the kernel handed out (port 0)
+    can be handed out again to another process's outgoing connection (gloo opens many) before the rendezvous
+    store binds it."""
+    ephemeral = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(20000, min(ephemeral.start, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: fall back to any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -31,8 +53,19 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q) -> No
 def run_world(world: int, fn: Callable, *args: Any, timeout: float = 600) -> List[Any]:
     """Run ``fn(*args)`` on ``world`` ranks (env set as torchrun would); return each rank's result.
 
-    ``fn`` must be importable (module level) and return picklable plain data.
+    ``fn`` must be importable (module level) and return picklable plain data. A world whose rendezvous port was
+    taken between choosing and binding it is run again on another port (twice at most).
     """
+    for _ in range(2):
+        try:
+            return _run_world_once(world, fn, args, timeout)
+        except AssertionError as e:
+            if "address already in use" not in str(e).lower():
+                raise
+    return _run_world_once(world, fn, args, timeout)
+
+
+def _run_world_once(world: int, fn: Callable, args: tuple, timeout: float) -> List[Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
