@@ -60,7 +60,7 @@ def filled_context(model, kv_share: int, extra: int, device) -> EncodedContext:
             n = min(16384, kv_share - start)
             k = torch.randn(1, a.num_kv_heads, n, a.head_dim, device=device, generator=g, dtype=model.dtype)
             cache.append(layer, k, torch.randn_like(k))
-    return EncodedContext(torch.zeros(kv_share, dtype=torch.long), cache, kv_share, 0.0)
+    return EncodedContext(torch.zeros(kv_share, dtype=torch.long), cache, kv_share, 0.0, room=extra)
 
 
 def time_answer(engine: Engine, context: EncodedContext, query, budget: int) -> dict:

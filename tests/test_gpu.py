@@ -168,3 +168,25 @@ def test_graph_replay_gives_the_eager_tokens(long_ckpt, precision):
             logits = torch.tensor(eager["logits"][i])  # the logits eager chose token i from
             gap = (logits[eager["tokens"][i]] - logits[graph["tokens"][i]]).item()
             assert 0 <= gap <= 0.05 * (1 + logits.abs().max().item()), (c["name"], i, gap)
+
+
+def test_graph_is_kept_for_the_next_answer_over_the_same_context(gqa_ckpt):
+    """Context reuse on the GPU: an answer over the held context replays the graph captured by the answer before
+    (no capture) when the buffers are the same, captures anew where the query host's cache had to grow or the
+    context changed, and every answer's tokens and logits are those of the request alone."""
+    from distributed import run_world
+    from test_context_reuse import REQUESTS, REUSED
+    from workers import reuse_vs_alone
+
+    variants = [dict(name=m, mode=m, block=8, anchor=4, decode="graph") for m in ("none", "star")]
+    res = run_world(1, reuse_vs_alone, gqa_ckpt, 1, 1, variants, REQUESTS, "fp32", "gpu")[0]
+    for v in variants:
+        reuse, alone = res[f"{v['name']}/reuse"], res[f"{v['name']}/alone"]
+        assert [r["reused"] for r in reuse] == REUSED
+        assert all(r["graph"] for r in reuse + alone), "every answer ran from a graph"
+        # the 2nd query is longer than the 1st (the cache grows: a new capture); the 3rd fits the 2nd's buffers
+        assert [r["graph_kept"] for r in reuse] == [False, False, True, False, False]
+        assert not any(r["graph_kept"] for r in alone)
+        for a, b in zip(reuse, alone):
+            assert a["tokens"] == b["tokens"]
+            assert (torch.tensor(a["logits"]) - torch.tensor(b["logits"])).abs().max().item() <= 1e-5

@@ -241,13 +241,14 @@ def decode_step_errors(ckpt: str, loops=("eager", "static", "graph")) -> Dict[st
     return errors
 
 
-def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: List[list]) -> dict:
+def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: List[list],
+                   precision: str = "fp32", accelerator: str = "cpu") -> dict:
     """For each variant ({name, mode, block, anchor, decode}): the requests ([context ids, query ids]) answered
     in a row through ContextReuse, and each alone through Engine.generate: tokens, first-step logits (query
-    host) and the context_reused flags."""
+    host), the context_reused flags and whether the decode loop replayed a graph / the kept one."""
     from star_mcore.inference.engine import ContextReuse
 
-    groups, model = _setup(ckpt, tp, cp)
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
     res: Dict[str, Any] = {}
     try:
         for v in variants:
@@ -262,6 +263,8 @@ def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: 
                     gen = reuse.generate(ids, q, save_logits=True) if how == "reuse" else eng.generate(ids, q, True)
                     rows.append({"tokens": gen.generated_ids, "reused": gen.context_reused,
                                  "phase1_s": gen.timings["phase1_s"],
+                                 "graph": getattr(eng.decoder, "replayed", False),
+                                 "graph_kept": getattr(eng.decoder, "reused", False),
                                  "logits": None if gen.first_step_logits is None else gen.first_step_logits.tolist()})
                 res[f"{v['name']}/{how}"] = rows
     finally:

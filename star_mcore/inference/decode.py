@@ -4,10 +4,11 @@
             the reference the other two are tested against.
 ``static``  the step with static shapes: the KV buffers at their final size, token, position and KV lengths
             as device tensors, the few-query decode kernel, argmax and the EOS check on the device.
-``graph``   the static step captured once per request as a CUDA graph (every layer, the phase-2 merge's
-            all-gather, TP's all-reduce, the token broadcast) and replayed per token: no per-token Python or
-            launch cost. Where graphs cannot be used (not CUDA, or the capture fails) it runs the static step
-            without a graph, after one log line saying why.
+``graph``   the static step captured as a CUDA graph (every layer, the phase-2 merge's all-gather, TP's
+            all-reduce, the token broadcast) and replayed per token: no per-token Python or launch cost. The
+            graph is kept for the next answer over the same held context (context reuse): it reads the same KV
+            buffers, so that answer replays it without a new capture. Where graphs cannot be used (not CUDA, or
+            the capture fails) it runs the static step without a graph, after one log line saying why.
 
 Every loop returns the same tokens: the ones generated after the first, up to and including an EOS id, at
 most ``steps``; a step whose attention output or logits were not finite raises :class:`NumericalError`.
@@ -15,8 +16,9 @@ most ``steps``; a step whose attention output or logits were not finite raises :
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,7 @@ from .requests import RequestError
 from .steps import QueryStep, StaticQueryStep
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine import EncodedContext, Engine
 
 Tensor = torch.Tensor
 
@@ -58,8 +60,9 @@ def _keep(rows: List[List[int]], engine: "Engine") -> List[int]:
 
 
 class EagerDecode:
-    def run(self, engine: "Engine", cache: KVCache, decision: Tensor, position: int, steps: int) -> List[int]:
-        m, g = engine.model, engine.groups
+    def run(self, engine: "Engine", context: "EncodedContext", decision: Tensor, position: int,
+            steps: int) -> List[int]:
+        m, g, cache = engine.model, engine.groups, context.cache
         rows: List[List[int]] = []
         with m.attending(QueryStep(engine.attn, cache, g.cp, g.is_query_host)):
             for i in range(steps):
@@ -86,6 +89,45 @@ class StaticState:
     stop: Tensor  # [1] bool: an EOS was generated
     eos: Tensor  # [n_eos] int64
 
+    @classmethod
+    def allocate(cls, steps: int, eos: List[int], query_host: bool, device: torch.device) -> "StaticState":
+        one = lambda: torch.zeros(1, dtype=torch.long, device=device)  # noqa: E731
+        return cls(token=one(), position=one(), attend_len=one(), write_at=one() if query_host else None,
+                   decision=torch.zeros(2, dtype=torch.long, device=device),
+                   rows=torch.zeros(steps, 2, dtype=torch.long, device=device), index=one(),
+                   stop=torch.zeros(1, dtype=torch.bool, device=device),
+                   eos=torch.tensor(eos, dtype=torch.long, device=device))
+
+    def start(self, decision: Tensor, position: int, held: int) -> None:
+        """Set for a new run of steps, in place: after the query pass's ``decision``, at ``position``, with
+        ``held`` tokens in this host's cache."""
+        self.decision.copy_(decision)
+        self.token.copy_(decision[:1])
+        self.position.fill_(position)
+        self.attend_len.fill_(held + (1 if self.write_at is not None else 0))
+        if self.write_at is not None:
+            self.write_at.fill_(held)
+        self.rows.zero_()
+        self.index.zero_()
+        self.stop.zero_()
+
+
+@dataclass
+class _Kept:
+    """A captured step, kept for the next answer over the same context: the graph, the state it replays on,
+    and what it was captured for. ``cache`` is weak, so a released context's KV is freed, not held here."""
+
+    graph: "torch.cuda.CUDAGraph"
+    state: StaticState
+    cache: "weakref.ref[KVCache]"
+    room: int
+    steps: int
+
+    def fits(self, context: "EncodedContext", steps: int) -> bool:
+        """Whether ``context``'s cache is the captured one with the same buffers (``room``, the query host's
+        tokens past the share, is what sizes them; it is the same on every rank, so every rank agrees)."""
+        return self.cache() is context.cache and self.room == context.room and self.steps == steps
+
 
 _SAID: set = set()  # the reasons already logged
 
@@ -96,7 +138,9 @@ class StaticDecode:
     def __init__(self, graphs: bool) -> None:
         self.graphs = graphs
         self.warm = False  # a step ran eagerly on this device: kernels compiled, library handles made
+        self.kept: Optional[_Kept] = None  # the last captured graph, for the next answer over its context
         self.replayed = False  # the last request's steps were replayed from a graph
+        self.reused = False  # ... from the graph kept from the request before (no capture)
 
     def _no_graph(self, why: str) -> None:
         """One log line per process and reason (rank 0 speaks for all)."""
@@ -104,37 +148,39 @@ class StaticDecode:
             log(f"decode: {why}; running the static decode step without a CUDA graph (same tokens, slower)")
         _SAID.add(why)
 
-    def run(self, engine: "Engine", cache: KVCache, decision: Tensor, position: int, steps: int) -> List[int]:
-        m, g = engine.model, engine.groups
-        dev = g.device
-        held = len(cache)
-        s = StaticState(
-            token=decision[:1].clone(), position=torch.tensor([position], device=dev),
-            attend_len=torch.tensor([held + (1 if g.is_query_host else 0)], device=dev),
-            write_at=torch.tensor([held], device=dev) if g.is_query_host else None,
-            decision=decision, rows=torch.zeros(steps, 2, dtype=torch.long, device=dev),
-            index=torch.zeros(1, dtype=torch.long, device=dev), stop=torch.zeros(1, dtype=torch.bool, device=dev),
-            eos=torch.tensor(list(engine.eos_token_ids), dtype=torch.long, device=dev))
-
-        def step() -> None:
-            m.runtime.reset_guard(dev)
-            engine.decide(m.hidden(s.token, s.position), s.decision)
-            s.rows.index_copy_(0, s.index, s.decision[None])
-            s.stop |= (s.eos == s.decision[0]).any() | (s.decision[1] != m.arch.num_layers)
-            s.token.copy_(s.decision[:1])
-            s.position += 1
-            s.index += 1
-            if s.write_at is not None:
-                s.write_at += 1
-                s.attend_len += 1
-
+    def run(self, engine: "Engine", context: "EncodedContext", decision: Tensor, position: int,
+            steps: int) -> List[int]:
+        m, g, cache = engine.model, engine.groups, context.cache
+        dev, held = g.device, len(cache)
         use_graph = self.graphs and steps > 1
         if use_graph and dev.type != "cuda":
             self._no_graph(f"CUDA graphs need a CUDA device (this run is on {dev.type})")
             use_graph = False
-        self.replayed = False
-        with m.attending(StaticQueryStep(engine.decode_kernel, cache, g.cp, s.attend_len, s.write_at)):
-            done = self._replay(step, s, steps) if use_graph else self._loop(step, s, steps)
+        self.replayed = self.reused = False
+        if use_graph and self.kept is not None and self.kept.fits(context, steps):
+            s = self.kept.state
+            s.start(decision, position, held)
+            done = self._replay_graph(self.kept.graph, s, steps)
+            self.replayed = self.reused = True
+        else:
+            self.kept = None  # its graph and pool go before the next capture
+            s = StaticState.allocate(steps, list(engine.eos_token_ids), g.is_query_host, dev)
+            s.start(decision, position, held)
+
+            def step() -> None:
+                m.runtime.reset_guard(dev)
+                engine.decide(m.hidden(s.token, s.position), s.decision)
+                s.rows.index_copy_(0, s.index, s.decision[None])
+                s.stop |= (s.eos == s.decision[0]).any() | (s.decision[1] != m.arch.num_layers)
+                s.token.copy_(s.decision[:1])
+                s.position += 1
+                s.index += 1
+                if s.write_at is not None:
+                    s.write_at += 1
+                    s.attend_len += 1
+
+            with m.attending(StaticQueryStep(engine.decode_kernel, cache, g.cp, s.attend_len, s.write_at)):
+                done = self._capture_and_replay(step, s, steps, context) if use_graph else self._loop(step, s, steps)
         out = _keep(s.rows[:done].tolist(), engine)
         if g.is_query_host:  # the fed tokens' K, V (a step run past the stop wrote one more: not held)
             cache.set_length(held + len(out))
@@ -149,11 +195,11 @@ class StaticDecode:
                 break
         return done
 
-    def _replay(self, step, s: StaticState, steps: int) -> int:
-        """Capture the step and replay it. Before the first capture of this loop object one step runs eagerly on
-        a side stream (CUDA's warm-up: kernels compiled, library handles made; it is the first real step);
-        later requests capture at once. The host reads each step's stop flag one step late, so the GPU always
-        has the next step queued: after an EOS at most one step more runs, and is discarded."""
+    def _capture_and_replay(self, step: Callable[[], None], s: StaticState, steps: int,
+                            context: "EncodedContext") -> int:
+        """Capture the step, keep the graph for the next answer over ``context``, and replay it. Before the
+        first capture of this loop object one step runs eagerly on a side stream (CUDA's warm-up: kernels
+        compiled, library handles made; it is the first real step); later requests capture at once."""
         done = 0
         if not self.warm:
             side = torch.cuda.Stream()
@@ -173,6 +219,14 @@ class StaticDecode:
             self.graphs = False
             return self._loop(step, s, steps, done=done)
         self.replayed = True
+        self.kept = _Kept(graph, s, weakref.ref(context.cache), context.room, steps)
+        return self._replay_graph(graph, s, steps, done)
+
+    @staticmethod
+    def _replay_graph(graph: "torch.cuda.CUDAGraph", s: StaticState, steps: int, done: int = 0) -> int:
+        """Replay until ``steps`` ran or a stop flag was seen. The host reads each step's stop flag one step
+        late, so the GPU always has the next step queued: after an EOS at most one step more runs, and is
+        discarded."""
         stop_host = torch.zeros(steps + 1, dtype=torch.bool, pin_memory=True)  # [j]: stop flag after step j
         events = {}
         while done < steps:

@@ -36,6 +36,7 @@ class EncodedContext:
     cache: Optional[KVCache]
     share: int
     phase1_s: float
+    room: int  # tokens the query host's cache holds room for past its share (the same number on every rank)
 
     def matches(self, context_ids: Tensor) -> bool:
         """Whether this encoding is of ``context_ids`` (the same token ids) and still held."""
@@ -140,7 +141,7 @@ class Engine:
         if bad:
             raise NumericalError(f"non-finite values (NaN/Inf) in the attention output of layer {n_layers - bad} "
                                  "during phase 1 (context encoding)")
-        return EncodedContext(context_ids.cpu(), cache, share, phase1_s)
+        return EncodedContext(context_ids.cpu(), cache, share, phase1_s, room)
 
     @torch.inference_mode()
     def answer(self, context: EncodedContext, query_ids: Tensor, budget: int,
@@ -150,8 +151,9 @@ class Engine:
         query and tokens dropped) and given room for this one."""
         cache, context_len = context.cache, len(context.context_ids)
         cache.set_length(context.share)
+        context.room = max(context.room, len(query_ids) + budget)
         if self.groups.is_query_host:
-            cache.reserve(context.share + len(query_ids) + budget)
+            cache.reserve(context.share + context.room)
         g, m = self.groups, self.model
         t0 = time.perf_counter()
         decision = torch.zeros(2, dtype=torch.long, device=g.device)
@@ -164,7 +166,7 @@ class Engine:
         first_token_s = time.perf_counter() - t0
         out = [first]
         if budget > 1 and first not in self.eos_token_ids:
-            out += self.decoder.run(self, cache, decision, context_len + len(query_ids), budget - 1)
+            out += self.decoder.run(self, context, decision, context_len + len(query_ids), budget - 1)
         self._sync()
         phase2_s = time.perf_counter() - t0
         decode_s = phase2_s - first_token_s
