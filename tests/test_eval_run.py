@@ -137,6 +137,26 @@ def test_eval_report_compares_means_only_over_the_same_tasks(tmp_path):
     assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_report_pairs_each_setting_with_global_attention(tmp_path):
+    """Star against none on the same samples: lower / same / higher counts, the mean difference and the exact
+    sign test; samples only one side ran are left out."""
+    from star_mcore.eval.report import aggregate, load_records, markdown, sign_test, summary
+
+    path = tmp_path / "r.jsonl"
+    runs = {("none", 0): [1.0, 1.0, 0.0, 0.5, 1.0], ("star", 64): [1.0, 0.0, 1.0, 0.25]}  # star lacks sample 4
+    with open(path, "w") as f:
+        for (mode, anchor), scores in runs.items():
+            setting = complete_setting({"context_parallel_mode": mode, "hosts": 1, "block_size": 64,
+                                        "anchor_size": anchor})
+            for i, score in enumerate(scores):
+                f.write(json.dumps({"benchmark": "ruler", "task": "vt", "length": 256, "sample": i, "score": score,
+                                    "setting": setting}) + "\n")
+    s = summary(*aggregate(load_records([str(path)])))["ruler"]
+    assert s["paired"] == {("star 4 blocks a=b", 256): dict(samples=4, lower=2, same=1, higher=1, diff=-6.25, p=1.0)}
+    assert "| star 4 blocks a=b | 256 | 4 | 2 | 1 | 1 | -6.2 | 1 |" in markdown({"ruler": s}, [str(path)])
+    assert sign_test(0, 10) == 2 / 1024 and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+
+
 @pytest.mark.parametrize("args,message", [
     (["eval", "ruler"], "eval.output_path is required for eval"),
     (["eval", "ruler", "eval.output_path=o.jsonl", "eval.tasks=[qa1]"], "eval.tasks: qa1 not in ruler"),

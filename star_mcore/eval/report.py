@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -152,7 +153,39 @@ def summary(cells, anchors) -> Dict[str, Dict[str, Any]]:
         reference = "none" if "none" in labels else next((lab for lab in labels if lab.startswith("ring")), None)
         out[bench] = dict(labels=labels, lengths=lengths, tasks=tasks, score=score, count=count, ran=ran,
                           overall=overall, shared=shared, common=common, reference=reference,
-                          anchors={lab: anchors[lab] for lab in labels if lab in anchors})
+                          anchors={lab: anchors[lab] for lab in labels if lab in anchors},
+                          paired=paired(mine, labels, lengths, reference))
+    return out
+
+
+def sign_test(lower: int, higher: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between ``lower`` and ``higher``
+    if either were equally likely (ties left out)."""
+    n, k = lower + higher, min(lower, higher)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(cells, labels: List[str], lengths: List[int], reference) -> Dict[Tuple[str, int], Dict[str, float]]:
+    """(label, length) -> the samples it shares with the reference (same task, length and sample: the same
+    prompt), how many scored lower / the same / higher, the mean difference in points and the sign test's p."""
+    out = {}
+    if reference is None:
+        return out
+    for lab in labels:
+        if lab == reference:
+            continue
+        for n in lengths:
+            diffs = []
+            for (bench, l2, t, n2), samples in cells.items():
+                ref = cells.get((bench, reference, t, n2))
+                if l2 == lab and n2 == n and ref:
+                    diffs += [samples[i] - ref[i] for i in samples if i in ref]
+            if diffs:
+                lower, higher = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+                out[(lab, n)] = dict(samples=len(diffs), lower=lower, same=len(diffs) - lower - higher, higher=higher,
+                                     diff=100.0 * sum(diffs) / len(diffs), p=sign_test(lower, higher))
     return out
 
 
@@ -189,6 +222,17 @@ def markdown(summ: Dict[str, Dict[str, Any]], sources: Sequence[str]) -> str:
                 if (lab, n) in s["shared"]:
                     r = s["shared"].get((ref, n)) if lab != ref else None
                     lines.append(f"| {lab} | {_with_share(s['shared'][(lab, n)], r)} |")
+            lines.append("")
+        if s["paired"]:
+            lines += [f"### Paired with {ref}", "",
+                      f"Each setting against `{ref}` on the samples both ran (the same prompts): how many scored "
+                      "lower, the same or higher, the mean difference in points, and the two-sided sign test's p "
+                      "(lower against higher, ties left out; small p: a difference unlikely to be chance).", "",
+                      "| setting | tokens | samples | lower | same | higher | mean diff | p |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for (lab, n), d in s["paired"].items():
+                lines.append(f"| {lab} | {n} | {d['samples']} | {d['lower']} | {d['same']} | {d['higher']} | "
+                             f"{d['diff']:+.1f} | {d['p']:.2g} |")
             lines.append("")
         for n in lengths:
             present = [lab for lab in labels if (lab, n) in s["ran"]]
