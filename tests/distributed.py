@@ -11,29 +11,29 @@ import traceback
 from typing import Any, Callable, List
 
 
-def _ephemeral_range() -> range:
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where it cannot be read)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = map(int, f.read().split())
-        return range(low, high + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
     """A port that binds now, chosen below the kernel's ephemeral range: a port the kernel handed out (port 0)
     can be handed out again to another process's outgoing connection (gloo opens many) before the rendezvous
     store binds it."""
-    ephemeral = _ephemeral_range()
-    for _ in range(200):
-        port = random.randrange(20000, min(ephemeral.start, 32768))
+    high = min(_ephemeral_low(), 32768)
+    for _ in range(200 if high > 20000 else 0):
+        port = random.randrange(20000, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    with socket.socket() as s:  # every try taken: fall back to any port the kernel gives
+    with socket.socket() as s:  # every try taken, or no room below the range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

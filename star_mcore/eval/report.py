@@ -170,22 +170,18 @@ def sign_test(lower: int, higher: int) -> float:
 def paired(cells, labels: List[str], lengths: List[int], reference) -> Dict[Tuple[str, int], Dict[str, float]]:
     """(label, length) -> the samples it shares with the reference (same task, length and sample: the same
     prompt), how many scored lower / the same / higher, the mean difference in points and the sign test's p."""
+    diffs: Dict[Tuple[str, int], List[float]] = defaultdict(list)
+    for (bench, lab, t, n), samples in cells.items():
+        ref = cells.get((bench, reference, t, n))
+        if lab != reference and ref:
+            diffs[(lab, n)] += [samples[i] - ref[i] for i in samples if i in ref]
     out = {}
-    if reference is None:
-        return out
-    for lab in labels:
-        if lab == reference:
-            continue
-        for n in lengths:
-            diffs = []
-            for (bench, l2, t, n2), samples in cells.items():
-                ref = cells.get((bench, reference, t, n2))
-                if l2 == lab and n2 == n and ref:
-                    diffs += [samples[i] - ref[i] for i in samples if i in ref]
-            if diffs:
-                lower, higher = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
-                out[(lab, n)] = dict(samples=len(diffs), lower=lower, same=len(diffs) - lower - higher, higher=higher,
-                                     diff=100.0 * sum(diffs) / len(diffs), p=sign_test(lower, higher))
+    for key in ((lab, n) for lab in labels for n in lengths):  # the tables' order
+        d = diffs.get(key)
+        if d:
+            lower, higher = sum(x < 0 for x in d), sum(x > 0 for x in d)
+            out[key] = dict(samples=len(d), lower=lower, same=len(d) - lower - higher, higher=higher,
+                            diff=100.0 * sum(d) / len(d), p=sign_test(lower, higher))
     return out
 
 

@@ -121,12 +121,12 @@ class _Kept:
     state: StaticState
     cache: "weakref.ref[KVCache]"
     room: int
-    steps: int
 
     def fits(self, context: "EncodedContext", steps: int) -> bool:
         """Whether ``context``'s cache is the captured one with the same buffers (``room``, the query host's
         tokens past the share, is what sizes them; it is the same on every rank, so every rank agrees)."""
-        return self.cache() is context.cache and self.room == context.room and self.steps == steps
+        return (self.cache() is context.cache and self.room == context.room
+                and self.state.rows.shape[0] == steps)
 
 
 _SAID: set = set()  # the reasons already logged
@@ -219,7 +219,7 @@ class StaticDecode:
             self.graphs = False
             return self._loop(step, s, steps, done=done)
         self.replayed = True
-        self.kept = _Kept(graph, s, weakref.ref(context.cache), context.room, steps)
+        self.kept = _Kept(graph, s, weakref.ref(context.cache), context.room)
         return self._replay_graph(graph, s, steps, done)
 
     @staticmethod
