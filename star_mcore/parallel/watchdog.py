@@ -27,6 +27,11 @@ def _store(timeout_s: float) -> dist.Store:
     return dist.PrefixStore("star_mcore/health/", store)
 
 
+def _beats(store: dist.Store, rank: int) -> Optional[int]:
+    """``rank``'s heartbeat count, None before its first beat."""
+    return int(store.get(f"hb/{rank}").decode()) if store.check([f"hb/{rank}"]) else None
+
+
 def _announce(store: dist.Store, rank: int, why: str) -> None:
     store.set(f"why/{rank}", why)
     store.compare_set("first_failure", "", str(rank))
@@ -68,10 +73,31 @@ class Watchdog:
             pass
 
     def wait_for_verdict(self) -> None:
-        """Give the watchdog the time it needs to notice a dead or failed peer (it then ends this process);
-        returns if it found none."""
-        if self.pid is not None:
-            time.sleep(self.stale_after_s + 3 * self.interval_s)
+        """After a failed collective: wait while the watchdog may still name a dead or failed peer (its verdict
+        ends this process); return once it cannot, so this rank names itself.
+
+        No fixed sleep (a loaded machine makes any fixed time a race): this returns only when no failure was
+        announced and every live peer's heartbeat has moved since the wait began, i.e. no peer is going silent.
+        A killed peer's counter never moves again, so the wait lasts until the watchdog's verdict. The bound
+        (a few stale periods) only guards against a watchdog that is itself gone."""
+        if self.pid is None:
+            return
+        deadline = time.monotonic() + 4 * self.stale_after_s + 10 * self.interval_s
+        try:
+            store = _store(self.stale_after_s)
+            start = {r: _beats(store, r) for r in range(self.world) if r != self.rank}
+            while time.monotonic() < deadline:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return  # the watchdog is gone: nobody will give a verdict
+                if not store.add("failures", 0):
+                    silent = [r for r, b in start.items()
+                              if not store.check([f"done/{r}"]) and _beats(store, r) == b]
+                    if not silent:
+                        return  # every peer is alive: the failure is this rank's own
+                time.sleep(self.interval_s)
+        except Exception:  # noqa: BLE001 - the store is gone (rank 0 or the launcher died): the watchdog says so
+            while time.monotonic() < deadline and not os.waitpid(self.pid, os.WNOHANG)[0]:
+                time.sleep(self.interval_s)
 
     def stop(self) -> None:
         if self.pid is not None:
@@ -113,9 +139,9 @@ class Watchdog:
                 for r in range(self.world):
                     if r == self.rank or store.check([f"done/{r}"]):
                         continue
-                    if not store.check([f"hb/{r}"]):
+                    count = _beats(store, r)
+                    if count is None:
                         continue  # not started yet: a rank that never starts fails the rendezvous instead
-                    count = int(store.get(f"hb/{r}").decode())
                     if seen.get(r, (None,))[0] != count:
                         seen[r] = (count, now)
                     elif now - seen[r][1] > self.stale_after_s:
