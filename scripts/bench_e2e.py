@@ -42,7 +42,7 @@ import benchlib  # noqa: E402
 from star_mcore.config import InferenceConfig  # noqa: E402
 from star_mcore.inference.engine import Engine  # noqa: E402
 from star_mcore.inference.modes import GlobalAttention, StarAttention, context_parallel_mode  # noqa: E402
-from star_mcore.inference.kv_cache import KVCache  # noqa: E402
+from star_mcore.inference.kv_cache import KVSequence  # noqa: E402
 from star_mcore.inference.steps import QueryStep  # noqa: E402
 from star_mcore.parallel.groups import (  # noqa: E402
     ParallelGroups, destroy_parallel, init_process_group, initialize_parallel)
@@ -153,7 +153,7 @@ class GlobalCheck:
     """Wraps phase 2's QueryStep: per layer, every host's context KV is gathered and the merged output is
     compared, on every host, with :func:`global_attention` over all of it."""
 
-    def __init__(self, step: QueryStep, cache: KVCache, groups: ParallelGroups, n_ctx: int) -> None:
+    def __init__(self, step: QueryStep, cache: KVSequence, groups: ParallelGroups, n_ctx: int) -> None:
         self.step, self.cache, self.groups, self.n_ctx, self.worst = step, cache, groups, n_ctx, 0.0
 
     def __call__(self, layer, q, k, v, scale):
@@ -172,11 +172,18 @@ class GlobalCheck:
 def star_phase2_error(engine: Engine, ctx: torch.Tensor, qry: torch.Tensor) -> float:
     """Star phase 1, then one phase-2 pass of the query under :class:`GlobalCheck`; max error over all ranks."""
     g, m = engine.groups, engine.model
-    cache = KVCache(m.arch.num_layers, reserve=engine.context_share(len(ctx)) + len(qry))
-    engine.prefill(ctx, cache)
-    check = GlobalCheck(QueryStep(engine.attn, cache, g.cp, g.is_query_host), cache, g, len(ctx))
-    with torch.inference_mode(), m.attending(check):
-        m.hidden(qry, torch.arange(len(ctx), len(ctx) + len(qry)))
+    pool = engine.reserve(2 + -(-(max(engine.context_shares(len(ctx))) + len(qry)) // engine.inference.kv_page_size))
+    cache = pool.allocate(engine.context_share(len(ctx)))
+    own = pool.allocate(len(qry)) if g.is_query_host else None
+    try:
+        engine.prefill(ctx, cache)
+        check = GlobalCheck(QueryStep(engine.host.attn, cache, own, g.cp), cache, g, len(ctx))
+        with torch.inference_mode(), m.attending(check):
+            m.hidden(qry, torch.arange(len(ctx), len(ctx) + len(qry)))
+    finally:
+        pool.release(cache)
+        if own is not None:
+            pool.release(own)
     return reduce_max([check.worst], g.device)[0]
 
 

@@ -41,6 +41,19 @@ class TrainerConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Defaults of every request's sampling fields (a request's own fields override them)."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens whose probability reaches top_p
+    seed: int = 0  # a request without its own seed draws from a seed derived from this one and its id
+    stop: List[str] = field(default_factory=list)  # text requests: the answer ends before the first of these
+    stop_token_ids: List[int] = field(default_factory=list)  # the answer ends at (and includes) any of these
+    logprobs: int = 0  # the top N log-probs of each generated token (0: none), N <= 20
+
+
+@dataclass
 class InferenceConfig:
     context_parallel_mode: str = "star"  # star | ring | none
     block_size: int = 4096  # star: context tokens per block
@@ -54,6 +67,9 @@ class InferenceConfig:
     apply_chat_template: bool = False  # text requests: wrap context + query in the tokenizer's chat template
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; the last four need their library installed
     decode: str = "graph"  # graph (static step replayed from a CUDA graph) | static (same step, no graph) | eager
+    max_batch_size: int = 8  # requests decoding together (continuous batching); 1 = one at a time
+    kv_page_size: int = 256  # tokens per page of the KV pool
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
@@ -141,6 +157,11 @@ def validate(cfg: RunConfig) -> None:
     need(inf.anchor_size <= inf.block_size,
          f"inference.anchor_size ({inf.anchor_size}) must be <= inference.block_size ({inf.block_size})")
     need(inf.tokens_to_generate >= 1, f"inference.tokens_to_generate must be >= 1, got {inf.tokens_to_generate}")
+    need(inf.max_batch_size >= 1, f"inference.max_batch_size must be >= 1, got {inf.max_batch_size}")
+    need(inf.kv_page_size >= 1, f"inference.kv_page_size must be >= 1, got {inf.kv_page_size}")
+    sp = inf.sampling
+    for key, problem in sampling_problems(sp.temperature, sp.top_k, sp.top_p, sp.seed, sp.logprobs).items():
+        raise ConfigError(f"inference.sampling.{key} {problem}")
     need(inf.context_parallel_mode != "none" or m.context_parallel_size == 1,
          "inference.context_parallel_mode=none runs without context parallelism: "
          f"set model.context_parallel_size=1 (got {m.context_parallel_size})")
@@ -151,6 +172,26 @@ def validate(cfg: RunConfig) -> None:
     need(len(ev.lengths) > 0 and all(n > 0 for n in ev.lengths), f"eval.lengths must be positive, got {ev.lengths}")
     need(ev.samples >= 1, f"eval.samples must be >= 1, got {ev.samples}")
     need(ev.tokens_to_generate >= 0, f"eval.tokens_to_generate must be >= 0, got {ev.tokens_to_generate}")
+
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (ops.sampling.TOP_LOGPROBS)
+
+
+def sampling_problems(temperature, top_k, top_p, seed, logprobs) -> dict:
+    """What is wrong with sampling values, by field name (empty: nothing). The config's defaults and every
+    request's own fields are checked by this one function."""
+    out = {}
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        out["temperature"] = f"must be a number >= 0, got {temperature!r}"
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        out["top_k"] = f"must be an integer >= 0 (0: no limit), got {top_k!r}"
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        out["top_p"] = f"must be in (0, 1], got {top_p!r}"
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        out["seed"] = f"must be an integer in [0, 2**63), got {seed!r}"
+    if not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_LOGPROBS:
+        out["logprobs"] = f"must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}"
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from star_mcore.config import InferenceConfig
 from star_mcore.inference.engine import Engine, NumericalError
-from star_mcore.inference.kv_cache import KVCache
+from star_mcore.inference.kv_cache import KVPool
 from star_mcore.inference.steps import EncodeSegment
 from star_mcore.model.arch import LlamaArch
 from star_mcore.model.hf_checkpoint import load_hf_llama
@@ -118,12 +118,21 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
         if full_logits_ids is not None:
-            with torch.inference_mode(), model.attending(EncodeSegment(math_attention, KVCache(model.arch.num_layers))):
-                ids = torch.tensor(full_logits_ids)
+            ids = torch.tensor(full_logits_ids)
+            seq = _pool(model, len(ids)).allocate(len(ids))
+            with torch.inference_mode(), model.attending(EncodeSegment(math_attention, seq)):
+                model.runtime.reset_guard(model.device)
                 res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
     finally:
         destroy_parallel()
     return res
+
+
+def _pool(model, tokens: int, page: int = 16) -> KVPool:
+    """A pool with room for ``tokens`` (this rank's KV heads), for workers that drive phase 1 directly."""
+    tp = model.tp.size()
+    return KVPool(model.arch.num_layers, 2 + -(-tokens // page), page, model.arch.num_kv_heads // tp,
+                  model.arch.head_dim, model.dtype, model.device)
 
 
 def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
@@ -133,7 +142,7 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     for mode in ("shared", "recompute"):
         eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"],
                                                     tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
-        caches[mode] = KVCache(model.arch.num_layers)
+        caches[mode] = _pool(model, len(c["ctx"])).allocate(len(c["ctx"]))
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)
     worst, held = 0.0, len(caches["shared"])
@@ -156,26 +165,28 @@ def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: 
 
 
 def cache_freed_after_generate(ckpt: str) -> List[bool]:
-    """After each request, and after one that fails, no step (and so no KV cache) is kept by the model."""
-    import weakref
-
+    """After each request, and after one that fails, no step (and so no KV sequence) is kept by the model, and
+    every page of the pool is free again."""
     groups, model = _setup(ckpt, 1, 2)
-    eng = Engine(model, groups, InferenceConfig(block_size=8, anchor_size=4, tokens_to_generate=2))
+    eng = Engine(model, groups, InferenceConfig(block_size=8, anchor_size=4, tokens_to_generate=2, kv_page_size=4))
     seen = []
+    free = lambda: eng.pool.free_pages == eng.pool.pages - 1  # noqa: E731
     try:
         eng.generate(torch.arange(20), torch.tensor([3, 4]))
-        seen.append(model.runtime.step is None)
+        seen.append(model.runtime.step is None and free())
         with torch.no_grad():  # a NaN weight makes the request fail with NumericalError
             model.gpt.decoder.layers[0].self_attention.linear_qkv.weight[0, 0] = float("nan")
         try:
             eng.generate(torch.arange(20), torch.tensor([3, 4]))
         except NumericalError:
-            seen.append(model.runtime.step is None)
-        cache = KVCache(1)
-        ref = weakref.ref(cache)
-        with model.attending(EncodeSegment(math_attention, cache)):
-            del cache
-            seen.append(ref() is not None)  # the checks above are meaningful: a step does keep its cache alive
+            seen.append(model.runtime.step is None and free())
+        import weakref
+
+        seq = _pool(model, 4).allocate(4)
+        ref = weakref.ref(seq)
+        with model.attending(EncodeSegment(math_attention, seq)):
+            del seq
+            seen.append(ref() is not None)  # the checks above are meaningful: a step does keep its sequence alive
         seen.append(ref() is None)  # ... and leaving the block drops it
     finally:
         destroy_parallel()

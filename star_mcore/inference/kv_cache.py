@@ -1,77 +1,119 @@
-"""The KV cache of one host: per layer, the (post-RoPE) K and V of the context tokens it holds, plus the
-query and generated tokens on the query host."""
+"""One host's KV storage: a pool of fixed-size pages allocated once, and the sequences that hold pages of it (a
+context's share on this host, a request's own tokens on the query host). One protocol for every phase: phase 1,
+the query pass and the eager decode step append through :meth:`KVSequence.append`; the static decode step writes
+through the device-side positions of :meth:`KVSequence.flat_positions`; every reader sees the same pages."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
 
-class KVCache:
-    """Per-layer K and V, each [b, hk, n, d], grown in place.
+class KVPool:
+    """Per layer K and V [hk, pages, page_size, d] (this TP rank's KV heads). Page 0 is scratch: the static step
+    writes the K, V of idle slots there, and no sequence ever owns it."""
 
-    ``reserve`` is the number of tokens the host will hold in all (its context share, plus the query and
-    the generated tokens on the query host): the first append allocates that much, so a long context is
-    never copied into a larger buffer. Past it, capacity doubles (appends stay O(1) amortised).
-    """
+    def __init__(self, num_layers: int, pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        if pages < 2:
+            raise ValueError("a KV pool needs at least 2 pages (page 0 is scratch)")
+        shape = (kv_heads, pages, page_size, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.page_size, self.pages = page_size, pages
+        self._free = list(range(1, pages))  # ascending
 
-    def __init__(self, num_layers: int, reserve: int = 0) -> None:
-        self._k: List[Optional[Tensor]] = [None] * num_layers
-        self._v: List[Optional[Tensor]] = [None] * num_layers
-        self._len = [0] * num_layers
-        self._reserve = reserve
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def allocate(self, tokens: int) -> "KVSequence":
+        """A sequence with room for ``tokens``: one run of consecutive pages where there is one (its K, V are
+        then views, not copies, for the phase-1 kernels), else the lowest free pages."""
+        n = self.pages_for(tokens)
+        if n > len(self._free):
+            raise MemoryError(f"the KV pool has {len(self._free)} free pages, {n} needed")
+        free = self._free
+        if n == 0:
+            return KVSequence(self, [], tokens)
+        for i in range(len(free) - n + 1):
+            if free[i + n - 1] - free[i] == n - 1:
+                pages = free[i:i + n]
+                del free[i:i + n]
+                break
+        else:
+            pages, self._free = free[:n], free[n:]
+        return KVSequence(self, pages, tokens)
+
+    def release(self, seq: "KVSequence") -> None:
+        if seq.pages:
+            self._free = sorted(self._free + seq.pages)
+            seq.pages = []
+
+
+class KVSequence:
+    """A sequence's pages in the pool and the tokens it holds per layer (the same in every layer once a forward
+    pass is complete)."""
+
+    def __init__(self, pool: KVPool, pages: List[int], capacity: int) -> None:
+        self.pool, self.pages, self.capacity = pool, pages, capacity
+        self._len = [0] * len(pool.k)
+        p = pool.page_size
+        self._contiguous = all(b == a + 1 for a, b in zip(pages, pages[1:]))
+        self._pos = (torch.tensor(pages, dtype=torch.long)[:, None] * p + torch.arange(p)).reshape(-1)
 
     def __len__(self) -> int:
-        """Tokens held (the same in every layer once a forward pass is complete)."""
         return self._len[0]
 
+    def flat_positions(self, start: int, n: int) -> Tensor:
+        """Pool positions (page * page_size + offset, CPU int64) of tokens [start, start + n)."""
+        if start + n > self.capacity:
+            raise ValueError(f"cannot hold {start + n} tokens: the sequence has room for {self.capacity}")
+        return self._pos[start:start + n]
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> None:
-        n, need = self._len[layer], self._len[layer] + k.shape[2]
-        buf = self._k[layer]
-        if buf is None:
-            shape = k.shape[:2] + (max(need, self._reserve),) + k.shape[3:]
-            self._k[layer], self._v[layer] = k.new_empty(shape), v.new_empty(shape)
-        elif buf.shape[2] < need:
-            self._grow(layer, max(need, 2 * buf.shape[2]))
-        self._k[layer][:, :, n:need] = k
-        self._v[layer][:, :, n:need] = v
-        self._len[layer] = need
-
-    def _grow(self, layer: int, capacity: int) -> None:
-        n, old_k, old_v = self._len[layer], self._k[layer], self._v[layer]
-        shape = old_k.shape[:2] + (capacity,) + old_k.shape[3:]
-        self._k[layer], self._v[layer] = old_k.new_empty(shape), old_v.new_empty(shape)
-        self._k[layer][:, :, :n] = old_k[:, :, :n]
-        self._v[layer][:, :, :n] = old_v[:, :, :n]
-
-    def reserve(self, n: int) -> None:
-        """Room for ``n`` tokens in all, before a phase whose shapes are static: a smaller buffer moves to one
-        of exactly ``n`` (its tokens kept); layers not yet allocated will start at ``n``."""
-        self._reserve = max(self._reserve, n)
-        for layer, buf in enumerate(self._k):
-            if buf is not None and buf.shape[2] < n:
-                self._grow(layer, n)
+        """k, v [1, hk, n, d]: the next n tokens of ``layer``."""
+        n0, n = self._len[layer], k.shape[2]
+        pk, pv = self._flat(layer)
+        if self._contiguous:
+            start = self.pages[0] * self.pool.page_size + n0 if self.pages else 0
+            if n0 + n > self.capacity:
+                raise ValueError(f"cannot hold {n0 + n} tokens: the sequence has room for {self.capacity}")
+            pk[:, start:start + n] = k[0]
+            pv[:, start:start + n] = v[0]
+        else:
+            pos = self.flat_positions(n0, n).to(k.device)
+            pk.index_copy_(1, pos, k[0])
+            pv.index_copy_(1, pos, v[0])
+        self._len[layer] = n0 + n
 
     def set_length(self, n: int) -> None:
-        """Declare ``n`` tokens held in every layer (at most the capacity): the static decode step writes its
-        tokens through device-side indices, so the host states the count once the steps are done."""
-        if any(k is not None and n > k.shape[2] for k in self._k) or (n and self._k[0] is None):
-            raise ValueError(f"cannot hold {n} tokens: beyond the cache's capacity")
+        """Declare ``n`` tokens held in every layer: the static step writes through device-side positions, so
+        the host states the count after it."""
+        if n > self.capacity:
+            raise ValueError(f"cannot hold {n} tokens: the sequence has room for {self.capacity}")
         self._len = [n] * len(self._len)
 
-    def buffers(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-        """The whole K, V buffers [b, hk, capacity, d] of ``layer`` (past the held tokens: unwritten memory);
-        an empty pair shaped like ``like`` where nothing was ever held."""
-        if self._k[layer] is None:
+    def get(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+        """The held K, V [1, hk, n, d] of ``layer``: views where the pages are one run, else gathered copies;
+        an empty pair shaped like ``like`` if nothing is held."""
+        n = self._len[layer]
+        if n == 0:
             empty = like.new_empty(like.shape[:2] + (0,) + like.shape[3:])
             return empty, empty
-        return self._k[layer], self._v[layer]
+        pk, pv = self._flat(layer)
+        if self._contiguous:
+            start = self.pages[0] * self.pool.page_size
+            return pk[None, :, start:start + n], pv[None, :, start:start + n]
+        pos = self.flat_positions(0, n).to(pk.device)
+        return pk[None].index_select(2, pos), pv[None].index_select(2, pos)
 
-    def get(self, layer: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-        """Views of the held K, V; an empty [b, hk, 0, d] pair shaped like ``like`` if nothing is held."""
-        k, v = self.buffers(layer, like)
-        n = self._len[layer]
-        return k[:, :, :n], v[:, :, :n]
+    def _flat(self, layer: int) -> Tuple[Tensor, Tensor]:
+        k, v = self.pool.k[layer], self.pool.v[layer]
+        return k.view(k.shape[0], -1, k.shape[-1]), v.view(v.shape[0], -1, v.shape[-1])

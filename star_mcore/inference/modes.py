@@ -13,11 +13,11 @@ import torch
 from ..config import InferenceConfig
 from ..ops.layout import ring_chunks, star_block_tokens, star_layout
 from ..parallel.anchor import AnchorBroadcast
-from .kv_cache import KVCache
+from .kv_cache import KVSequence
 from .steps import EncodeFirstBlock, EncodeRing, EncodeSegment, EncodeWithAnchor, SharedAnchor
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .host import Host
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ class ContextParallelMode(ABC):
         ...
 
     @abstractmethod
-    def prefill(self, engine: "Engine", context_ids: Tensor, cache: KVCache) -> None:
+    def prefill(self, host: "Host", context_ids: Tensor, cache: KVSequence) -> None:
         """Phase 1: this host's share of ``context_ids`` [L] into ``cache``."""
 
 
@@ -65,9 +65,9 @@ class GlobalAttention(ContextParallelMode):
     def footprint(self, context_len: int, cp_size: int) -> Phase1Footprint:
         return Phase1Footprint(forward_tokens=context_len)
 
-    def prefill(self, engine: "Engine", context_ids: Tensor, cache: KVCache) -> None:
-        with engine.model.attending(EncodeSegment(engine.attn, cache)):
-            engine.model.hidden(context_ids, torch.arange(len(context_ids)))
+    def prefill(self, host: "Host", context_ids: Tensor, cache: KVSequence) -> None:
+        with host.model.attending(EncodeSegment(host.attn, cache)):
+            host.model.hidden(context_ids, torch.arange(len(context_ids)))
 
 
 class RingAttention(ContextParallelMode):
@@ -82,16 +82,16 @@ class RingAttention(ContextParallelMode):
         segment = max(self.context_shares(context_len, cp_size))
         return Phase1Footprint(forward_tokens=segment, ring_kv_tokens=2 * segment)
 
-    def prefill(self, engine: "Engine", context_ids: Tensor, cache: KVCache) -> None:
-        g, m = engine.groups, engine.model
+    def prefill(self, host: "Host", context_ids: Tensor, cache: KVSequence) -> None:
+        g, m = host.groups, host.model
         chunks = ring_chunks(len(context_ids), g.cp_size)
         a, b = chunks[g.cp_rank]
         pos = torch.cat([torch.arange(a.start, a.end), torch.arange(b.start, b.end)])
-        with m.attending(EncodeRing(engine.attn, cache, g.cp, chunks)) as step:
+        with m.attending(EncodeRing(host.attn, cache, g.cp, chunks)) as step:
             if len(pos):
                 m.hidden(context_ids[pos], pos)
             else:  # a context shorter than the CP group: this host still relays KV
-                engine.run_without_tokens(step)
+                host.run_without_tokens(step)
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,15 @@ class StarAttention(ContextParallelMode):
         shared = self.anchor_size if self.anchor_mode == "shared" and cp_size > 1 else 0
         return Phase1Footprint(forward_tokens=forward, anchor_kv_tokens=shared)
 
-    def prefill(self, engine: "Engine", context_ids: Tensor, cache: KVCache) -> None:
-        g, m = engine.groups, engine.model
+    def prefill(self, host: "Host", context_ids: Tensor, cache: KVSequence) -> None:
+        g, m = host.groups, host.model
         layout = self.layout(len(context_ids), g.cp_size)
         n_anchor = min(self.anchor_size, len(layout[0][0]))
         needs_anchor = n_anchor > 0 and len(context_ids) > len(layout[0][0])
         if self.anchor_mode == "recompute" or not needs_anchor:
             for block in layout[g.cp_rank]:
                 ids, pos, n_drop = star_block_tokens(context_ids, block, n_anchor)
-                with m.attending(EncodeSegment(engine.attn, cache, n_drop=n_drop)):
+                with m.attending(EncodeSegment(host.attn, cache, n_drop=n_drop)):
                     m.hidden(ids, pos)
             return
         exchange = None
@@ -139,8 +139,8 @@ class StarAttention(ContextParallelMode):
                 anchor.get(layer)
         for block in layout[g.cp_rank]:
             pos = torch.arange(block.start, block.end)
-            step = (EncodeFirstBlock(engine.attn, cache, anchor, n_anchor) if block.start == 0
-                    else EncodeWithAnchor(engine.attn, cache, anchor))
+            step = (EncodeFirstBlock(host.attn, cache, anchor, n_anchor) if block.start == 0
+                    else EncodeWithAnchor(host.attn, cache, anchor))
             with m.attending(step):
                 m.hidden(context_ids[pos], pos)
         anchor.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 from ..config import RunConfig
 from ..errors import RunError
@@ -49,10 +50,12 @@ def kv_bytes_per_token(arch: LlamaArch, tp: int, precision: str) -> int:
     return arch.num_layers * 2 * (arch.num_kv_heads // tp) * arch.head_dim * DTYPE_BYTES[precision]
 
 
-def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> Plan:
+def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int,
+         tokens_to_generate: Optional[int] = None) -> Plan:
+    """One request alone (``tokens_to_generate``: its budget, default the config's)."""
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     inf, prec = cfg.inference, cfg.model.precision
-    new_tokens = query_len + inf.tokens_to_generate
+    new_tokens = query_len + (inf.tokens_to_generate if tokens_to_generate is None else tokens_to_generate)
     mode = context_parallel_mode(inf)
     held = mode.context_shares(context_len, cp)
     held[-1] += new_tokens
@@ -87,9 +90,10 @@ def device_capacity(cfg: RunConfig) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks_here
 
 
-def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int) -> Plan:
+def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int,
+               tokens_to_generate: Optional[int] = None) -> Plan:
     """Refuse (one line) a run whose estimate exceeds the device's memory."""
-    p = plan(cfg, arch, context_len, query_len)
+    p = plan(cfg, arch, context_len, query_len, tokens_to_generate)
     cap = device_capacity(cfg)
     if p.total > cap:
         raise RunError(f"the run does not fit: about {p.total / GiB:.2f} GiB per GPU (weights {p.weights / GiB:.2f}, "
@@ -97,3 +101,29 @@ def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int
                        f"{context_len} context tokens, > {cap / GiB:.2f} GiB of device memory; add hosts or TP, "
                        "use smaller blocks or anchor, or shorter requests (star-mcore plan shows the estimate)")
     return p
+
+
+def pages_wanted(mode, cp: int, page: int, slots: int, requests: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    """(pages for ``slots`` of ``requests`` at once, pages of the largest alone) on the fullest host, scratch
+    not counted. requests: (context tokens, own tokens: query + budget); the own tokens live on the last host."""
+    needs: List[List[int]] = [[] for _ in range(cp)]
+    for ctx, own in requests:
+        shares = mode.context_shares(ctx, cp)
+        for h in range(cp):
+            needs[h].append(-(-shares[h] // page) + (-(-own // page) if h == cp - 1 else 0))
+    return (max(sum(sorted(n, reverse=True)[:slots]) for n in needs), max(max(n) for n in needs))
+
+
+def kv_pool_pages(cfg: RunConfig, arch: LlamaArch, requests: Sequence[Tuple[int, int]]) -> int:
+    """Pages of each host's KV pool for a run over ``requests`` ((context tokens, own tokens)): what
+    ``inference.max_batch_size`` of them need at once on the fullest host (the largest needs, so any mix fits),
+    capped by the memory the planner leaves beside the weights and the largest request's phase-1 forward, never
+    below what the largest one needs alone. Admission then keeps every host within it."""
+    inf = cfg.inference
+    wanted, largest = pages_wanted(context_parallel_mode(inf), cfg.model.context_parallel_size, inf.kv_page_size,
+                                   inf.max_batch_size, requests)
+    ctx, own = max(requests, key=lambda r: r[0] + r[1])
+    p = plan(cfg, arch, ctx, 0, own)
+    per_page = inf.kv_page_size * kv_bytes_per_token(arch, cfg.model.tensor_model_parallel_size, cfg.model.precision)
+    budget = (device_capacity(cfg) - p.weights - p.activations - p.overhead) // per_page
+    return 1 + max(largest, min(wanted, budget))  # + the scratch page

@@ -62,8 +62,7 @@ def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]
     tok = Tokenizer(cfg.checkpoint.hf_path, chat=cfg.inference.apply_chat_template)
     best = None
     for line_no, line in read_lines(cfg.inference.input_path):
-        req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings,
-                            cfg.inference.tokens_to_generate)
+        req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings, cfg.inference)
         if req.error is None and (best is None or len(req.context_ids) + len(req.query_ids) > sum(best)):
             best = (len(req.context_ids), len(req.query_ids))
     return best

@@ -5,15 +5,24 @@ Plain Python (no torch): ``eval-report`` reads result files through this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ..config import InferenceConfig, sampling_problems
+
 
 class RequestError(ValueError):
     """A problem with one request: reported in its output line; the other requests still run."""
+
+
+SAMPLING_FIELDS = ("tokens_to_generate", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
+                   "logprobs")
+FIELDS = ("id", "context_ids", "query_ids", "context", "query") + SAMPLING_FIELDS
 
 
 @dataclass
@@ -23,6 +32,15 @@ class Request:
     query_ids: Optional[List[int]] = None
     text: bool = False  # came as text: the output gets decoded text too
     error: Optional[str] = None
+    # generation settings: the config's defaults, overridden by the request's fields (seed None: not given)
+    tokens_to_generate: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    stop_token_ids: Tuple[int, ...] = ()
+    logprobs: int = 0
 
 
 class Tokenizer:
@@ -35,11 +53,16 @@ class Tokenizer:
         self._tok = None
         self._add_bos = True
 
+    def require(self, what: str = "text request") -> None:
+        """Raise RequestError if the checkpoint has no tokenizer (``what`` needs one)."""
+        if not any((Path(self.hf_path) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            raise RequestError(f"{what}, but {self.hf_path} has no tokenizer (tokenizer.json); "
+                               + ("send context_ids/query_ids instead" if what == "text request" else
+                                  "use stop_token_ids instead"))
+
     def _get(self):
         if self._tok is None:
-            if not any((Path(self.hf_path) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-                raise RequestError(f"text request, but {self.hf_path} has no tokenizer (tokenizer.json); "
-                                   "send context_ids/query_ids instead")
+            self.require()
             from transformers import AutoTokenizer
 
             self._tok = AutoTokenizer.from_pretrained(self.hf_path, local_files_only=True)
@@ -93,8 +116,33 @@ def _ids(value: Any, key: str, vocab_size: int) -> List[int]:
     return value
 
 
+def _settings(obj: Dict[str, Any], inference: InferenceConfig, vocab_size: int) -> Dict[str, Any]:
+    """The request's generation settings: the config's defaults with the request's own fields over them."""
+    d = inference.sampling
+    out = {"tokens_to_generate": obj.get("tokens_to_generate", inference.tokens_to_generate),
+           "temperature": obj.get("temperature", d.temperature), "top_k": obj.get("top_k", d.top_k),
+           "top_p": obj.get("top_p", d.top_p), "seed": obj.get("seed"), "logprobs": obj.get("logprobs", d.logprobs)}
+    problems = sampling_problems(out["temperature"], out["top_k"], out["top_p"],
+                                 0 if out["seed"] is None else out["seed"], out["logprobs"])
+    n = out["tokens_to_generate"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems["tokens_to_generate"] = f"must be an integer >= 1, got {n!r}"
+    if problems:
+        key, problem = next(iter(problems.items()))
+        raise RequestError(f"{key} {problem}")
+    stop = obj.get("stop", list(d.stop))
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise RequestError("stop must be a string or a list of non-empty strings")
+    out["stop"] = tuple(stop)
+    out["stop_token_ids"] = tuple(_ids(obj.get("stop_token_ids", list(d.stop_token_ids)), "stop_token_ids",
+                                       vocab_size))
+    return out
+
+
 def parse_request(line: bytes | str, line_no: int, tokenizer: Tokenizer, vocab_size: int, max_positions: int,
-                  tokens_to_generate: int) -> Request:
+                  inference: InferenceConfig) -> Request:
     """One JSONL line -> a Request (with ``error`` set instead of raising for anything wrong with it).
     Text requests go through ``tokenizer.prompt`` (the chat template where the tokenizer has ``chat``)."""
     rid: Any = f"line-{line_no}"
@@ -112,6 +160,10 @@ def parse_request(line: bytes | str, line_no: int, tokenizer: Tokenizer, vocab_s
         if not isinstance(obj, dict):
             raise RequestError(f"line {line_no} is not a JSON object")
         rid = obj.get("id", rid)
+        unknown = sorted(set(obj) - set(FIELDS))
+        if unknown:
+            raise RequestError(f"unknown field {unknown[0]!r} (a request has: {', '.join(FIELDS)})")
+        settings = _settings(obj, inference, vocab_size)
         text = False
         if "context_ids" in obj or "query_ids" in obj:
             ctx = _ids(obj.get("context_ids"), "context_ids", vocab_size)
@@ -128,11 +180,14 @@ def parse_request(line: bytes | str, line_no: int, tokenizer: Tokenizer, vocab_s
             raise RequestError("empty context")
         if len(qry) == 0:
             raise RequestError("empty query")
-        total = len(ctx) + len(qry) + tokens_to_generate
+        budget = settings["tokens_to_generate"]
+        total = len(ctx) + len(qry) + budget
         if total > max_positions:
             raise RequestError(f"context ({len(ctx)}) + query ({len(qry)}) + tokens_to_generate "
-                               f"({tokens_to_generate}) = {total} exceeds the model's max positions ({max_positions})")
-        return Request(rid, ctx, qry, text=text)
+                               f"({budget}) = {total} exceeds the model's max positions ({max_positions})")
+        if settings["stop"]:
+            tokenizer.require("stop strings")
+        return Request(rid, ctx, qry, text=text, **settings)
     except RequestError as e:
         return Request(rid, error=str(e))
 
@@ -212,3 +267,41 @@ class ResultWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def resolved_seed(req: Request, default: int) -> int:
+    """The request's seed, or one derived from the run's ``inference.sampling.seed`` and the request's id: a
+    rerun (or a resumed run) draws the same tokens for it, and two requests draw independently."""
+    if req.seed is not None:
+        return req.seed
+    digest = hashlib.sha256(f"{default}/{id_key(req.id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def answer_text(tokenizer: Tokenizer, ids: List[int], req: Request) -> str:
+    """The answer's text: without a final stop token, and cut before the first stop string it contains."""
+    if ids and ids[-1] in req.stop_token_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def put_in_input_order(path: str, order: List[str]) -> None:
+    """Rewrite a finished results file in the order of ``order`` (the id keys of the input's lines, repeats
+    included); lines are written as requests end, which with batching is not input order. Atomic: the file is
+    replaced only once the new one is complete, so a stop during the rewrite loses nothing."""
+    p = Path(path)
+    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
+    by_id: Dict[str, List[str]] = {}
+    for line in lines:
+        try:
+            key = id_key(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        by_id.setdefault(key, []).append(line)
+    out = [by_id[k].pop(0) for k in order if by_id.get(k)]
+    out += [x for rest in by_id.values() for x in rest]  # lines of ids no longer in the input stay, at the end
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(out), encoding="utf-8")
+    os.replace(tmp, p)

@@ -9,7 +9,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,11 +21,13 @@ from ..model.hf_checkpoint import load_hf_llama
 from ..model.llama import StarLlama
 from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
-from .engine import ContextReuse, Engine
+from .batch import ContinuousBatch, Job
+from .engine import Engine, Generation, Sampling
 from .logs import log
-from .planner import check_fits
-from .preflight import longest_request, preflight
-from .requests import IdTracker, RequestError, ResultWriter, Tokenizer, parse_request, read_lines
+from .planner import check_fits, kv_pool_pages
+from .preflight import preflight
+from .requests import (IdTracker, Request, ResultWriter, Tokenizer, answer_text, id_key, parse_request,
+                       put_in_input_order, read_lines, resolved_seed)
 
 
 def is_communication_error(e: BaseException) -> bool:
@@ -67,7 +69,7 @@ def _fail(watchdog: Watchdog, rank: int, e: Exception) -> None:
 
 
 @contextmanager
-def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
+def open_session(cfg: RunConfig, arch: LlamaArch, tokenizer: Optional[Tokenizer] = None) -> Iterator[Session]:
     """Watchdog, process groups, model and engine for ``cfg`` (after ``preflight``). A failure inside ends
     this rank with one line and makes every other rank exit naming it; a clean exit tears down together."""
     inf = cfg.inference
@@ -80,13 +82,39 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
         model = StarLlama(arch, groups, cfg.model.precision)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, inf, arch.eos_token_ids)
-        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template),
-                      writer=groups.is_query_host and groups.tp_rank == 0)
+        tokenizer = tokenizer or Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template)
+        yield Session(arch, groups, engine, tokenizer, writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
         _fail(watchdog, rank, e)
     watchdog.stop()
     dist.barrier()
     destroy_parallel()
+
+
+def _job(req: Request, inf, tokenizer: Tokenizer, line_no: int) -> Job:
+    sampling = Sampling(req.tokens_to_generate, req.temperature, req.top_k, req.top_p,
+                        resolved_seed(req, inf.sampling.seed), req.stop_token_ids, req.logprobs)
+    stopped = None
+    if req.stop:
+        stopped = lambda ids: any(x in tokenizer.decode(ids) for x in req.stop)  # noqa: E731
+    return Job(torch.tensor(req.context_ids), torch.tensor(req.query_ids), sampling, save_logits=inf.save_logits,
+               stopped=stopped, tag=(line_no, req))
+
+
+def _record(req: Request, out, tokenizer: Tokenizer) -> dict:
+    """The output line of a request: its error, or its tokens, why it ended, text, log-probs and timings."""
+    if not isinstance(out, Generation):
+        return {"id": req.id, "error": str(out)}
+    record = {"id": req.id, "generated_ids": out.generated_ids, "finish_reason": out.finish_reason}
+    if req.text or req.stop:
+        record["text"] = answer_text(tokenizer, out.generated_ids, req)
+    if out.logprobs is not None:
+        record["logprobs"] = out.logprobs
+    if out.first_step_logits is not None:
+        record["first_step_logits"] = out.first_step_logits.tolist()
+    record.update(out.timings)
+    record["context_reused"] = out.context_reused
+    return record
 
 
 def run_generation(cfg: RunConfig) -> int:
@@ -99,47 +127,48 @@ def run_generation(cfg: RunConfig) -> int:
     if Path(inf.output_path).is_dir():
         raise RunError(f"inference.output_path={inf.output_path}: is a directory, not a file")
     arch = preflight(cfg)
-    longest = longest_request(cfg, arch)
-    if longest is not None:
-        check_fits(cfg, arch, *longest)
-    with open_session(cfg, arch) as s:
-        tokenizer, engine = s.tokenizer, s.engine
+    tokenizer = Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template)
+    # Every rank parses every line the same way, before anything starts: the batch's decisions depend on them.
+    requests = [(n, parse_request(line, n, tokenizer, arch.vocab_size, arch.max_position_embeddings, inf))
+                for n, line in read_lines(inf.input_path)]
+    valid = [r for _, r in requests if r.error is None]
+    pages = 2
+    if valid:
+        longest = max(valid, key=lambda r: len(r.context_ids) + len(r.query_ids) + r.tokens_to_generate)
+        check_fits(cfg, arch, len(longest.context_ids), len(longest.query_ids), longest.tokens_to_generate)
+        pages = kv_pool_pages(cfg, arch, [(len(r.context_ids), len(r.query_ids) + r.tokens_to_generate)
+                                          for r in valid])
+    with open_session(cfg, arch, tokenizer) as s:
+        engine = s.engine
         ids = IdTracker(inf.output_path)  # every rank reads it before the writer appends: same skips
         dist.barrier()
         writer = ResultWriter(inf.output_path) if s.writer else None
         if writer is not None and ids.finished:
             log(f"resuming: {ids.finished} request(s) already in {inf.output_path} are skipped")
-        n_ok = n_err = 0
-        contexts = ContextReuse(engine)  # consecutive requests over one context: one phase 1
-        for line_no, line in read_lines(inf.input_path):
-            req = parse_request(line, line_no, tokenizer, arch.vocab_size, arch.max_position_embeddings,
-                                inf.tokens_to_generate)
-            if not ids.admit(req, line_no):
-                continue
-            if req.error is None:
-                try:
-                    gen = contexts.generate(torch.tensor(req.context_ids), torch.tensor(req.query_ids),
-                                            save_logits=inf.save_logits)
-                except RequestError as e:  # raised the same way on every rank
-                    req.error = str(e)
-            if req.error is not None:
-                record = {"id": req.id, "error": req.error}
-                n_err += 1
-            else:
-                record = {"id": req.id, "generated_ids": gen.generated_ids}
-                if req.text:
-                    record["text"] = tokenizer.decode(gen.generated_ids)
-                if gen.first_step_logits is not None:
-                    record["first_step_logits"] = gen.first_step_logits.tolist()
-                record.update(gen.timings)
-                record["context_reused"] = gen.context_reused
-                n_ok += 1
+        counts = {"answered": 0, "errors": 0}
+
+        def emit(req: Request, out) -> None:
+            record = _record(req, out, tokenizer)
+            counts["errors" if "error" in record else "answered"] += 1
             if writer is not None:
                 writer.write(record)
-                log(f"request {req.id}: " + (f"error: {req.error}" if req.error else
+                log(f"request {req.id}: " + (f"error: {record['error']}" if "error" in record else
                     f"{len(req.context_ids)} context + {len(req.query_ids)} query tokens, "
+                    f"{len(record['generated_ids'])} generated ({record['finish_reason']}), "
                     f"phase1 {record['phase1_s']:.3f}s, phase2 {record['phase2_s']:.3f}s"))
+
+        def jobs():
+            for line_no, req in requests:
+                if not ids.admit(req, line_no):
+                    continue
+                if req.error is not None:
+                    emit(req, req.error)
+                else:
+                    yield _job(req, inf, tokenizer, line_no)
+
+        ContinuousBatch(engine).run(jobs(), lambda job, out: emit(job.tag[1], out), pages=pages)
         if writer is not None:
             writer.close()
-            log(f"done: {n_ok} answered, {n_err} with errors -> {inf.output_path}")
+            put_in_input_order(inf.output_path, [id_key(r.id) for _, r in requests])
+            log(f"done: {counts['answered']} answered, {counts['errors']} with errors -> {inf.output_path}")
     return 0

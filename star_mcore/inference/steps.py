@@ -1,6 +1,7 @@
 """What core attention does in each kind of forward pass (an :class:`~star_mcore.model.AttentionStep`).
 
-Phase 1 encodes the context into the hosts' KV caches; phase 2 runs the query and the generated tokens.
+Phase 1 encodes the context into the hosts' KV sequences; phase 2 runs each request's query pass, then the
+decode steps of the whole running batch.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 from ..ops.attention import AttnFn, attend, attend_prefix_causal
-from ..ops.decode_attention import DecodeKernel
 from ..ops.layout import Span
+from ..ops.merge import merge_partials
+from ..ops.paged_attention import PagedKernel, PagedLayout
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import gather_merge, ring_attention
-from .kv_cache import KVCache
+from .kv_cache import KVPool, KVSequence
 
 Tensor = torch.Tensor
 
@@ -24,7 +26,7 @@ class EncodeSegment:
     """Phase 1 of one segment on one host, no communication: causal attention over the segment, then
     cache its KV except the first ``n_drop`` tokens (a star block's anchor)."""
 
-    def __init__(self, fn: AttnFn, cache: KVCache, n_drop: int = 0) -> None:
+    def __init__(self, fn: AttnFn, cache: KVSequence, n_drop: int = 0) -> None:
         self.fn, self.cache, self.n_drop = fn, cache, n_drop
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -60,7 +62,7 @@ class EncodeFirstBlock:
     """Block 0 in shared-anchor mode: causal attention, all its KV cached, its first ``n_anchor`` tokens'
     K, V published as the anchor."""
 
-    def __init__(self, fn: AttnFn, cache: KVCache, anchor: SharedAnchor, n_anchor: int) -> None:
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_anchor: int) -> None:
         self.fn, self.cache, self.anchor, self.n_anchor = fn, cache, anchor, n_anchor
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -74,7 +76,7 @@ class EncodeWithAnchor:
     """Block k >= 1 in shared-anchor mode: the block attends to the anchor's K, V without a mask and to
     itself causally (two kernel calls merged by LSE); only the block's own KV is cached."""
 
-    def __init__(self, fn: AttnFn, cache: KVCache, anchor: SharedAnchor) -> None:
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor) -> None:
         self.fn, self.cache, self.anchor = fn, cache, anchor
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -87,7 +89,7 @@ class EncodeWithAnchor:
 class EncodeRing:
     """Phase 1 of ring mode: exact causal attention with KV passed around the CP group."""
 
-    def __init__(self, fn: AttnFn, cache: KVCache, group: dist.ProcessGroup,
+    def __init__(self, fn: AttnFn, cache: KVSequence, group: dist.ProcessGroup,
                  chunks: Sequence[Tuple[Span, Span]]) -> None:
         self.fn, self.cache, self.group, self.chunks = fn, cache, group, chunks
 
@@ -97,45 +99,75 @@ class EncodeRing:
         return out
 
 
-class QueryStep:
-    """Phase 2 (the query, then each generated token), the same for star and ring.
+def _query_partial(fn: AttnFn, q: Tensor, k: Tensor, v: Tensor, context: KVSequence, own: Optional[KVSequence],
+                   layer: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """One request's local partial in phase 2: its context share (no mask: every context token precedes the
+    query) and, on the query host, its own earlier tokens (no mask) and the new ones (causal), whose K, V are
+    then appended. q [1, hq, s, d], k, v [1, hk, s, d] -> out [1, hq, s, d], lse [1, hq, s]."""
+    ck, cv = context.get(layer, like=k)
+    if own is None:
+        return attend(fn, q, ck, cv, causal=False, scale=scale)
+    ok, ov = own.get(layer, like=k)
+    parts = [attend(fn, q, ck, cv, causal=False, scale=scale), attend(fn, q, ok, ov, causal=False, scale=scale),
+             attend(fn, q, k, v, causal=True, scale=scale)]
+    own.append(layer, k, v)
+    return merge_partials(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))
 
-    The new tokens are replicated on every host. Each host attends to its whole local KV (no mask: every
-    context token precedes the query); the query host also attends to the new tokens causally and appends
-    their KV. The partials meet in one all-gather of packed (out, lse) and an exact LSE merge.
+
+class QueryStep:
+    """Phase 2's query pass for one request, the same for star, ring and none.
+
+    The query is replicated on every host. Each host attends to its share of the context; the query host also
+    attends to the query itself causally and appends its KV to the request's own sequence. The partials meet in
+    one all-gather of packed (out, lse) and an exact LSE merge.
     """
 
-    def __init__(self, fn: AttnFn, cache: KVCache, group: dist.ProcessGroup, is_query_host: bool) -> None:
-        self.fn, self.cache, self.group, self.is_query_host = fn, cache, group, is_query_host
+    def __init__(self, fn: AttnFn, context: KVSequence, own: Optional[KVSequence], group: dist.ProcessGroup) -> None:
+        self.fn, self.context, self.own, self.group = fn, context, own, group
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        ck, cv = self.cache.get(layer, like=k)
-        if self.is_query_host:
-            out, lse = attend_prefix_causal(self.fn, q, ck, cv, k, v, scale=scale)
-            self.cache.append(layer, k, v)
-        else:
-            out, lse = attend(self.fn, q, ck, cv, causal=False, scale=scale)
+        out, lse = _query_partial(self.fn, q, k, v, self.context, self.own, layer, scale)
         out, _ = gather_merge(out, lse, self.group)
         return out
 
 
-class StaticQueryStep:
-    """Phase 2's decode step with static shapes, for graph capture: one new token, the KV buffers at their
-    final size, lengths on the device. The query host writes the token's K, V at ``write_at`` and attends to
-    ``attend_len`` = write_at + 1 keys; the other hosts attend to their whole share. One all-gather of the
-    packed partials and the exact merge, as in :class:`QueryStep`.
-    """
+class EagerBatchStep:
+    """A decode step of the running batch, one token per request, with dynamic shapes: each request's partial
+    through the phase-1 kernel on its own KV (as :class:`QueryStep`), then ONE all-gather for the whole batch.
+    The reference the paged step is tested against. ``seqs``: per token, (context, own or None)."""
 
-    def __init__(self, kernel: DecodeKernel, cache: KVCache, group: dist.ProcessGroup, attend_len: Tensor,
-                 write_at: Optional[Tensor]) -> None:
-        self.kernel, self.cache, self.group = kernel, cache, group
-        self.attend_len, self.write_at = attend_len, write_at
+    def __init__(self, fn: AttnFn, seqs: Sequence[Tuple[KVSequence, Optional[KVSequence]]],
+                 group: dist.ProcessGroup) -> None:
+        self.fn, self.seqs, self.group = fn, seqs, group
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        kb, vb = self.cache.buffers(layer, like=k)
+        parts = [_query_partial(self.fn, q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], ctx, own, layer, scale)
+                 for i, (ctx, own) in enumerate(self.seqs)]
+        out, _ = gather_merge(torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2),
+                              self.group)
+        return out
+
+
+class PagedBatchStep:
+    """A decode step of the running batch with static shapes, for graph capture: one token per slot; the query
+    host writes each slot's K, V at ``write_at`` (pool positions, device [S]; idle slots write to the scratch
+    page), then every host runs the paged kernel over ``layout`` (its groups: the contexts of the batch, read
+    once each, and on the query host every slot's own tokens) and the partials meet in one all-gather."""
+
+    def __init__(self, kernel: PagedKernel, pool: KVPool, layout: PagedLayout, write_at: Optional[Tensor],
+                 group: dist.ProcessGroup) -> None:
+        self.kernel, self.pool, self.layout, self.write_at, self.group = kernel, pool, layout, write_at, group
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        _, hq, s, d = q.shape
+        kp, vp = self.pool.k[layer], self.pool.v[layer]
+        hk = kp.shape[0]
         if self.write_at is not None:
-            kb.index_copy_(2, self.write_at, k)
-            vb.index_copy_(2, self.write_at, v)
-        out, lse = self.kernel(q, kb, vb, self.attend_len, scale)
+            kp.view(hk, -1, d).index_copy_(1, self.write_at, k[0])
+            vp.view(hk, -1, d).index_copy_(1, self.write_at, v[0])
+        qs = q[0].permute(1, 0, 2).reshape(s, hk, hq // hk, d)  # [S, hk, g, d]
+        out, lse = self.kernel(qs, kp, vp, self.layout, scale)
+        out = out.reshape(s, hq, d).permute(1, 0, 2)[None]  # [1, hq, S, d]
+        lse = lse.reshape(s, hq).permute(1, 0)[None]
         out, _ = gather_merge(out, lse, self.group)
         return out.to(q.dtype)

@@ -25,31 +25,37 @@ class AttentionStep(Protocol):
 
 
 class AttentionRuntime:
-    """Shared by every layer's core attention of one model: the step of the current forward pass, and per
-    layer the float32 sum of its attention output, kept on the device (no sync per layer): NaN/Inf anywhere
-    makes the sum non-finite, and an attention output (a weighted mean of values) cannot overflow it. A
-    reduction and an add per layer: the guard costs a decode step two small kernels a layer."""
+    """Shared by every layer's core attention of one model: the step of the current forward pass, and per layer
+    and row the float32 sum of its attention output, kept on the device (no sync per layer): NaN/Inf anywhere
+    makes the sum non-finite, and an attention output (a weighted mean of values) cannot overflow it. A row is
+    one request of the forward: the whole forward for phase 1 and the query pass, one token per slot in a
+    batched decode step, so a NaN in one request's step fails that request alone. A reduction and an add per
+    layer: the guard costs a decode step two small kernels a layer."""
 
     def __init__(self, num_layers: int) -> None:
         self.step: Optional[AttentionStep] = None
         self.rope: Optional[Tuple[Tensor, Tensor]] = None  # cos, sin [s, d/2] of the current forward's positions
         self.num_layers = num_layers
-        self.sums: Optional[Tensor] = None
+        self.sums: Optional[Tensor] = None  # [num_layers, rows]
 
-    def reset_guard(self, device: torch.device) -> None:
-        if self.sums is None or self.sums.device != device:
-            self.sums = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+    def reset_guard(self, device: torch.device, rows: int = 1) -> None:
+        if self.sums is None or self.sums.device != device or self.sums.shape[1] != rows:
+            self.sums = torch.zeros(self.num_layers, rows, dtype=torch.float32, device=device)
         else:
             self.sums.zero_()  # once per decode step: no new allocation
 
     def record(self, layer: int, out: Tensor) -> None:
+        """out [b, h, s, d]: one row (its sum), or s rows (one per token) when the guard has s rows."""
         if self.sums is not None:
-            self.sums[layer] += torch.sum(out, dtype=torch.float32)  # accumulates over a phase's forwards
+            if self.sums.shape[1] == 1:
+                self.sums[layer] += torch.sum(out, dtype=torch.float32)  # accumulates over a phase's forwards
+            else:
+                self.sums[layer] += torch.sum(out, dim=(0, 1, 3), dtype=torch.float32)
 
     def first_nonfinite_layer(self) -> Tensor:
-        """0-d int64 tensor: the first layer whose output was not finite, or num_layers if none (no host sync)."""
-        idx = torch.arange(self.num_layers, device=self.sums.device)
-        return torch.where(torch.isfinite(self.sums), self.num_layers, idx).min()
+        """[rows] int64: per row the first layer whose output was not finite, or num_layers if none (no sync)."""
+        idx = torch.arange(self.num_layers, device=self.sums.device)[:, None]
+        return torch.where(torch.isfinite(self.sums), self.num_layers, idx).amin(dim=0)
 
 
 class StarCoreAttention(MegatronModule):

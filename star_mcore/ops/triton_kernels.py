@@ -1,5 +1,5 @@
-"""Triton kernels of phase 2: split-KV ("flash-decoding") attention for a few query rows over a KV buffer whose
-valid length is a device tensor, and the exact LSE merge of n partials in one launch.
+"""Triton kernels of phase 2: split-KV ("flash-decoding") attention of a batch's decode rows over a paged KV pool
+whose lengths and page tables are device tensors, the exact LSE merge of n partials in one launch, and RoPE.
 
 Imported only where Triton is (CUDA torch ships it; ``TRITON_INTERPRET=1`` runs these kernels on CPU
 tensors, which is how the CPU tests cover them). Shapes are static, lengths live on the device: both kernels
@@ -17,38 +17,51 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner tile
-MIN_SPLIT = 256  # keys per program at the least: below that, launch and merge cost more than they hide
 
 
 @triton.jit
-def _split_kv_kernel(Q, K, V, LEN, O, L,
-                     sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_s, so_b, so_h, so_r, sl_s, sl_b, sl_h,
-                     HK, ROWS, SPLIT, scale_log2,
-                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     IEEE: tl.constexpr):
-    """Program (b * HK + h, s): the ROWS query rows of KV head h against keys [s*SPLIT, min((s+1)*SPLIT, len))."""
-    bh = tl.program_id(0)
+def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
+                  sq_s, sq_h, sq_r, sk_h, sk_p, sk_n, sv_h, sv_p, sv_n, st_g, sm_g,
+                  so_x, so_s, so_h, so_r, sl_x, sl_s, sl_h,
+                  HK, G, M, GQ, PAGE, SPLITS, scale_log2,
+                  HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_G: tl.constexpr, IEEE: tl.constexpr):
+    """Program (j * HK + h, s): the rows of group j's members (M slots x GQ query heads) of KV head h against
+    the group's keys [s*split, min((s+1)*split, len_j)), read page by page once for all of them. ``split`` is
+    the longest group's length over SPLITS (on the device: the lengths grow without a new launch config)."""
+    jh = tl.program_id(0)
     s = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    n_len = tl.load(LEN + b).to(tl.int32)
-    start = s * SPLIT
-    end = tl.minimum(start + SPLIT, n_len)
+    j = jh // HK
+    h = jh % HK
+    rg = tl.arange(0, BLOCK_G)
+    longest = tl.max(tl.load(LENS + rg, mask=rg < G, other=0), 0).to(tl.int32)
+    split = tl.cdiv(tl.cdiv(longest, SPLITS), BLOCK_N) * BLOCK_N
+    n_len = tl.load(LENS + j).to(tl.int32)
+    start = s * split
+    end = tl.minimum(start + split, n_len)
     rm = tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
     dmask = rd < HEAD_D
-    q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_r + rd[None, :],
-                mask=(rm[:, None] < ROWS) & dmask[None, :], other=0.0)
+    member = rm // GQ
+    head = rm % GQ
+    slot = tl.load(MEMBERS + j * sm_g + member, mask=member < M, other=-1)
+    rows = (member < M) & (slot >= 0)
+    q = tl.load(Q + slot[:, None] * sq_s + h * sq_h + head[:, None] * sq_r + rd[None, :],
+                mask=rows[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + rn
         kmask = cols < end
+        page = tl.load(TABLE + j * st_g + cols // PAGE, mask=kmask, other=0).to(tl.int64)
+        off = cols % PAGE
         kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + rd[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + rd[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + h * sk_h + page[:, None] * sk_p + off[:, None] * sk_n + rd[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + h * sv_h + page[:, None] * sv_p + off[:, None] * sv_n + rd[None, :], mask=kv_mask,
+                    other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -66,10 +79,10 @@ def _split_kv_kernel(Q, K, V, LEN, O, L,
     seen = l_i > 0  # an empty split is a neutral partial: out 0, lse -inf
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, -float("inf"))
-    rows = rm < ROWS
-    tl.store(O + s * so_s + b * so_b + h * so_h + rm[:, None] * so_r + rd[None, :], out,
-             mask=rows[:, None] & dmask[None, :])
-    tl.store(L + s * sl_s + b * sl_b + h * sl_h + rm, lse, mask=rows)
+    x = tl.load(PART + j) * SPLITS + s
+    dst = x * so_x + slot[:, None] * so_s + h * so_h + head[:, None] * so_r + rd[None, :]
+    tl.store(O + dst, out, mask=rows[:, None] & dmask[None, :])
+    tl.store(L + x * sl_x + slot * sl_s + h * sl_h + head, lse, mask=rows)
 
 
 @triton.jit
@@ -130,34 +143,27 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, (n - 1).bit_length()))
 
 
-def num_splits(capacity: int, batch_heads: int, sms: int) -> int:
-    """Splits of a ``capacity``-key buffer: enough programs to fill the GPU about twice, none below MIN_SPLIT keys."""
-    by_gpu = max(1, -(-2 * sms // batch_heads))
-    return max(1, min(by_gpu, -(-capacity // MIN_SPLIT)))
-
-
-def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, scale: float,
-                       splits: int) -> Tuple[Tensor, Tensor]:
-    """Partials of every split. q [b, hk, rows, d] (query heads of a KV group folded into rows); k, v
-    [b, hk, cap, d] (last dim contiguous); kv_len [b] int (device) -> out [splits, b, hk, rows, d] float32,
-    lse [splits, b, hk, rows] float32."""
-    b, hk, rows, d = q.shape
-    cap = k.shape[2]
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("split_kv_attention needs the head dimension contiguous")
-    split = -(-max(cap, 1) // splits)
-    split = -(-split // BLOCK_N) * BLOCK_N
-    o = torch.empty(splits, b, hk, rows, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(splits, b, hk, rows, dtype=torch.float32, device=q.device)
-    _split_kv_kernel[(b * hk, splits)](
-        q, k, v, kv_len, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        hk, rows, split, scale * LOG2E,
-        HEAD_D=d, BLOCK_M=_pow2(rows, 16), BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N,
+def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens: Tensor,
+                             members: Tensor, part: Tensor, splits: int, scale: float, out: Tensor,
+                             lse: Tensor) -> None:
+    """Partials of a paged step into ``out`` [n_parts * splits, S, hk, g, d], ``lse`` [n_parts * splits, S, hk, g]
+    (float32; rows no group writes keep what they hold). q [S, hk, g, d]; k, v pools [hk, pages, page, d];
+    table [G, W] int32, lens [G] int32, members [G, M] int64, part [G] int64 (see ops.paged_attention)."""
+    s, hk, g, d = q.shape
+    G, M = members.shape
+    if G == 0:
+        return
+    for t in (q, k_pool, v_pool, out):
+        if t.stride(-1) != 1:
+            raise ValueError("paged_split_kv_attention needs the head dimension contiguous")
+    _paged_kernel[(G * hk, splits)](
+        q, k_pool, v_pool, table, lens, members, part, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), table.stride(0), members.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        hk, G, M, g, k_pool.shape[2], splits, scale * LOG2E,
+        HEAD_D=d, BLOCK_M=_pow2(M * g, 16), BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N, BLOCK_G=_pow2(G, 2),
         IEEE=q.dtype == torch.float32)
-    return o, lse
 
 
 def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
@@ -172,4 +178,4 @@ def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
     return out, lse
 
 
-__all__ = ["split_kv_attention", "merge_rows", "num_splits", "rope_rotate"]
+__all__ = ["paged_split_kv_attention", "merge_rows", "rope_rotate"]

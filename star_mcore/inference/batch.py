@@ -1,0 +1,230 @@
+"""Continuous batching: requests are admitted in order while a slot is free and their KV fits in every host's
+pool; the running ones decode together, one token each per step; a finished one (EOS, a stop token or string,
+its budget) leaves its slot to the next request, whose phase 1 and query pass run while the others keep their
+state. Requests over the same context share one phase 1 and one copy of its KV (the decode step reads it once
+for all of them); an encoded context stays resident after its requests end, until its pages are needed.
+
+Every rank makes the same decisions from the same inputs: the requests, the page counts of every host (known
+from the mode's shares, the same on every rank) and the verdicts the query host broadcasts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+
+from .decode import DecodeRow
+from .engine import Encoded, Engine, Generation, Sampling
+from .kv_cache import KVSequence
+from .planner import pages_wanted
+from .requests import RequestError
+from .verdict import Choice, NumericalError
+
+Tensor = torch.Tensor
+Outcome = Union[Generation, RequestError]
+
+
+@dataclass
+class Job:
+    """One request for the batch."""
+
+    context_ids: Tensor  # [L] int64
+    query_ids: Tensor  # [q] int64, q >= 1
+    sampling: Sampling
+    save_logits: bool = False
+    stopped: Optional[Callable[[List[int]], bool]] = None  # stop strings: do the tokens so far end the answer?
+    tag: Any = None  # the caller's handle, passed back with the outcome
+
+    @property
+    def own_tokens(self) -> int:
+        """KV the request appends on the query host: its query and the tokens it feeds back."""
+        return len(self.query_ids) + self.sampling.tokens_to_generate
+
+
+@dataclass
+class _Held:
+    """An encoded context and its pages on every host."""
+
+    encoded: Encoded
+    pages: List[int]
+    users: int = 0
+    last_used: int = 0
+
+
+@dataclass
+class _Running:
+    job: Job
+    held: _Held
+    own: Optional[KVSequence]
+    own_pages: int
+    reused: bool
+    phase1_s: float
+    t_query: float  # when its phase 2 started
+    first_token_s: float = 0.0
+    tokens: List[int] = field(default_factory=list)
+    logprobs: List[Dict[str, Any]] = field(default_factory=list)
+    logits: Optional[Tensor] = None
+
+
+class ContinuousBatch:
+    """Runs jobs through ``engine`` with at most ``inference.max_batch_size`` decoding together."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.slots: List[Optional[_Running]] = [None] * engine.inference.max_batch_size
+        self.contexts: Dict[bytes, _Held] = {}
+        self.free: List[int] = []  # free pages of every host's pool (the same bookkeeping on every rank)
+        self._tick = 0
+
+    # --- pages -----------------------------------------------------------------------------------------------
+    def _context_pages(self, job: Job) -> List[int]:
+        pool = self.engine.pool
+        return [pool.pages_for(n) for n in self.engine.context_shares(len(job.context_ids))]
+
+    def _need(self, job: Job, key: bytes) -> List[int]:
+        cp = self.engine.groups.cp_size
+        need = [0] * cp if key in self.contexts else self._context_pages(job)
+        need[cp - 1] += self.engine.pool.pages_for(job.own_tokens)
+        return need
+
+    def _fits(self, need: List[int]) -> bool:
+        return all(n <= f for n, f in zip(need, self.free))
+
+    def _make_room(self, need: List[int], keep: bytes) -> bool:
+        """Evict resident contexts nobody uses, least recently used first, until ``need`` fits."""
+        idle = sorted((h.last_used, k) for k, h in self.contexts.items() if h.users == 0 and k != keep)
+        for _, k in idle:
+            if self._fits(need):
+                break
+            self._drop(k)
+        return self._fits(need)
+
+    def _drop(self, key: bytes) -> None:
+        held = self.contexts.pop(key)
+        self.engine.pool.release(held.encoded.seq)
+        self.free = [f + p for f, p in zip(self.free, held.pages)]
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, jobs: Iterable[Job], emit: Callable[[Job, Outcome], None], pages: Optional[int] = None) -> None:
+        """Answer ``jobs`` in order of admission, calling ``emit`` as each one ends (a Generation, or the
+        RequestError that ended it). ``pages``: each host's pool size (default: what the jobs, which must then
+        be a list, need at once; :func:`.planner.kv_pool_pages` caps it by memory). Every held context is
+        released at the end."""
+        if pages is None:
+            jobs = list(jobs)
+            eng = self.engine
+            wanted, _ = pages_wanted(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(self.slots),
+                                     [(len(j.context_ids), j.own_tokens) for j in jobs])
+            pages = 1 + wanted
+        pool = self.engine.reserve(pages)
+        self.free = [pool.pages - 1] * self.engine.groups.cp_size
+        pending = iter(jobs)
+        nxt = next(pending, None)
+        try:
+            while nxt is not None or any(self.slots):
+                while nxt is not None and None in self.slots:
+                    key = nxt.context_ids.numpy().tobytes()
+                    need = self._need(nxt, key)
+                    if not self._fits(need) and not self._make_room(need, keep=key):
+                        if any(self.slots):
+                            break  # wait for a running request to leave its pages
+                        total = pool.pages - 1
+                        emit(nxt, RequestError(f"needs {max(need)} KV pages of {self.engine.inference.kv_page_size} "
+                                               f"tokens on one host, more than the pool's {total}"))
+                    else:
+                        self._admit(nxt, key, emit)
+                    nxt = next(pending, None)
+                if any(self.slots):
+                    self._step(emit)
+        finally:
+            for key in list(self.contexts):
+                self._drop(key)
+
+    def _admit(self, job: Job, key: bytes, emit: Callable[[Job, Outcome], None]) -> None:
+        eng, g = self.engine, self.engine.groups
+        self._tick += 1
+        held = self.contexts.get(key)
+        reused = held is not None
+        if held is None:
+            try:
+                encoded = eng.encode(job.context_ids)
+            except NumericalError as e:
+                emit(job, e)
+                return
+            held = _Held(encoded, self._context_pages(job))
+            self.contexts[key] = held
+            self.free = [f - p for f, p in zip(self.free, held.pages)]
+        held.users += 1
+        held.last_used = self._tick
+        own_pages = eng.pool.pages_for(job.own_tokens)
+        self.free[-1] -= own_pages
+        own = eng.pool.allocate(job.own_tokens) if g.is_query_host else None
+        r = _Running(job, held, own, own_pages, reused, 0.0 if reused else held.encoded.phase1_s, time.perf_counter())
+        choice, logits = eng.query(held.encoded, own, job.query_ids.to(g.device), job.sampling)
+        eng._sync()
+        r.first_token_s = time.perf_counter() - r.t_query
+        if job.save_logits and logits is not None:
+            r.logits = logits[0].cpu()
+        if not self._accept(r, choice, emit):
+            self.slots[self.slots.index(None)] = r
+
+    def _step(self, emit: Callable[[Job, Outcome], None]) -> None:
+        rows: List[Optional[DecodeRow]] = []
+        for r in self.slots:
+            if r is None:
+                rows.append(None)
+                continue
+            s, job = r.job.sampling, r.job
+            position = len(job.context_ids) + len(job.query_ids) + len(r.tokens) - 1
+            rows.append(DecodeRow(r.tokens[-1], position, r.held.encoded.seq, r.own, s.temperature, s.top_k,
+                                  s.top_p, s.seed, counter=len(r.tokens)))
+        verdicts = self.engine.decoder.step(self.engine.pool, rows)
+        n_layers = self.engine.model.arch.num_layers
+        for i, (r, row) in enumerate(zip(self.slots, verdicts)):
+            if r is None:
+                continue
+            if r.own is not None:
+                r.own.set_length(len(r.job.query_ids) + len(r.tokens))  # the fed token's K, V are held now
+            if self._accept(r, Choice.read(row, n_layers, step=len(r.tokens)), emit):
+                self.slots[i] = None
+
+    def _accept(self, r: _Running, choice: Choice, emit: Callable[[Job, Outcome], None]) -> bool:
+        """Take one chosen token; True if the request ended (its result emitted, its pages given back)."""
+        job, s = r.job, r.job.sampling
+        if choice.error is not None:
+            self._leave(r)
+            emit(job, NumericalError(choice.error))
+            return True
+        r.tokens.append(choice.token)
+        if s.logprobs:
+            r.logprobs.append({"id": choice.token, "logprob": choice.logprob,
+                               "top": [list(x) for x in choice.top[: s.logprobs]]})
+        reason = None
+        if choice.token in self.engine.eos_token_ids:
+            reason = "eos"
+        elif choice.token in s.stop_token_ids or (job.stopped is not None and job.stopped(r.tokens)):
+            reason = "stop"
+        elif len(r.tokens) >= s.tokens_to_generate:
+            reason = "length"
+        if reason is None:
+            return False
+        self._leave(r)
+        phase2_s = time.perf_counter() - r.t_query
+        decode_s = phase2_s - r.first_token_s
+        n = len(r.tokens)
+        timings = {"phase1_s": round(r.phase1_s, 6), "phase2_s": round(phase2_s, 6),
+                   "first_token_s": round(r.first_token_s, 6),
+                   "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None}
+        emit(job, Generation(r.tokens, reason, timings, r.logits, r.reused, r.logprobs if s.logprobs else None,
+                             tag=job.tag))
+        return True
+
+    def _leave(self, r: _Running) -> None:
+        if r.own is not None:
+            self.engine.pool.release(r.own)
+        self.free[-1] += r.own_pages
+        r.held.users -= 1

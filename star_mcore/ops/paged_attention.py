@@ -1,0 +1,115 @@
+"""Attention of a batch of decode rows over a paged KV pool: phase 2's batched step. Each request's keys are
+its groups' pages; a context shared by several requests is one group whose keys are read once for all of its
+members' rows (shared-prefix, "cascade" attention). Static shapes, lengths and page tables on the device: the
+step can be captured in a CUDA graph and replayed while the batch's lengths grow.
+
+    pool        k, v [hk, pages, page_size, d] of one layer (page 0 is scratch: never part of a group)
+    q           [S, hk, g, d]       one new token per slot (S slots), the g query heads of each KV head folded
+    layout      G groups: table [G, W] int32 page ids, lens [G] int32 keys, members [G, M] int64 slot ids
+                (-1: none), part [G] int64 in [0, n_parts): which partial of its members the group gives
+    out, lse    [S, hk, g, d] float32, [S, hk, g]: every slot's exact attention over the union of its groups
+
+A slot's partials (its context's group, its own tokens' group, the kernel's splits) are merged by LSE; a slot in
+no group gets out 0, lse -inf (a neutral partial for the merge across hosts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import torch
+
+from .merge import merge_partials
+from .triton_support import triton_available
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PagedLayout:
+    """Which keys each group of a step attends to, and whose rows it serves (device tensors, see module)."""
+
+    table: Tensor  # [G, W] int32
+    lens: Tensor  # [G] int32
+    members: Tensor  # [G, M] int64
+    part: Tensor  # [G] int64
+    n_parts: int
+    splits: int = 1  # programs per (group, KV head) of the Triton kernel (static: part of a captured graph)
+
+
+PagedKernel = Callable[[Tensor, Tensor, Tensor, PagedLayout, float], Tuple[Tensor, Tensor]]
+
+
+def _neutral(q: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    s, hk, g, d = q.shape
+    out = torch.zeros(n, s, hk, g, d, dtype=torch.float32, device=q.device)
+    return out, torch.full((n, s, hk, g), -math.inf, dtype=torch.float32, device=q.device)
+
+
+def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout,
+                              scale: float) -> Tuple[Tensor, Tensor]:
+    """float32 softmax per group over its gathered pages; any device. It reads the longest group's length on
+    the host (dynamic shapes), so it is the CPU path and the reference, not a kernel to capture."""
+    s, hk, g, d = q.shape
+    G, M = layout.members.shape
+    page = k_pool.shape[2]
+    longest = int(layout.lens.max()) if G else 0
+    n_pages = -(-longest // page)
+    pos = torch.arange(n_pages * page, device=q.device)
+    flat = layout.table[:, :n_pages].long().repeat_interleave(page, dim=1) * page + pos % page  # [G, keys]
+    visible = pos[None, :] < layout.lens[:, None].long()  # [G, keys]
+    flat = torch.where(visible, flat, torch.zeros_like(flat))  # invisible: read scratch, masked below
+    kf = k_pool.reshape(hk, -1, d)[:, flat].float()  # [hk, G, keys, d]
+    vf = v_pool.reshape(hk, -1, d)[:, flat].float()
+    slot = layout.members.clamp_min(0)
+    qg = q[slot].float().permute(2, 0, 1, 3, 4).reshape(hk, G, M * g, d)  # [hk, G, M*g, d]
+    scores = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [hk, G, M*g, keys]
+    scores = scores.masked_fill(~visible[None, :, None, :], -math.inf)
+    m = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(scores.shape[:-1] + (1,), -math.inf)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m)
+    total = p.sum(dim=-1)
+    vf = torch.where(visible[None, :, :, None], vf, 0.0)  # scratch may hold anything, NaN included
+    o = torch.matmul(p, vf) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    lse = m[..., 0] + torch.log(total)  # [hk, G, M*g]
+    o = o.reshape(hk, G, M, g, d).permute(1, 2, 0, 3, 4)  # [G, M, hk, g, d]
+    lse = lse.reshape(hk, G, M, g).permute(1, 2, 0, 3)
+    # Scatter each member's rows to (its group's part, its slot); the rows of absent members to a dummy row.
+    outs, lses = _neutral(q, layout.n_parts)
+    row = torch.where(layout.members >= 0, layout.part[:, None] * s + layout.members, layout.n_parts * s)
+    outs = torch.cat([outs.reshape(-1, hk, g, d), outs.new_zeros(1, hk, g, d)])
+    lses = torch.cat([lses.reshape(-1, hk, g), lses.new_full((1, hk, g), -math.inf)])
+    outs.index_copy_(0, row.reshape(-1), o.reshape(-1, hk, g, d))
+    lses.index_copy_(0, row.reshape(-1), lse.reshape(-1, hk, g))
+    n = layout.n_parts
+    return merge_partials(outs[:-1].reshape(n, s, hk, g, d), lses[:-1].reshape(n, s, hk, g))
+
+
+def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout,
+                           scale: float) -> Tuple[Tensor, Tensor]:
+    """Triton split-KV kernel: one program per (group, KV head, split) reads its keys once for all the group's
+    members' rows; its partials land at (part, split, slot); one fused launch merges them per slot."""
+    from . import triton_kernels as tk
+
+    parts, lses = _neutral(q, layout.n_parts * layout.splits)
+    tk.paged_split_kv_attention(q, k_pool, v_pool, layout.table, layout.lens, layout.members, layout.part,
+                                layout.splits, scale, parts, lses)
+    s, hk, g, d = q.shape
+    out, lse = tk.merge_rows(parts.reshape(parts.shape[0], -1, d), lses.reshape(lses.shape[0], -1))
+    return out.reshape(s, hk, g, d), lse.reshape(s, hk, g)
+
+
+def resolve_paged_kernel(device: torch.device) -> PagedKernel:
+    """The Triton kernel on CUDA where Triton imports, else the reference."""
+    if device.type == "cuda" and triton_available():
+        return paged_attention_triton
+    return paged_attention_reference
+
+
+def split_count(groups: int, hk: int, sms: int) -> int:
+    """Splits per (group, KV head) that fill the GPU about twice with ``groups`` busy groups (a power of two,
+    so that few distinct counts, and graphs, arise)."""
+    want = max(1, -(-2 * sms // max(1, groups * hk)))
+    return min(64, 1 << (want - 1).bit_length())

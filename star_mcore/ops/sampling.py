@@ -1,0 +1,83 @@
+"""Choosing each slot's next token from its logits: greedy, or sampled with temperature, top-k and top-p, and the
+log-probs a request asked for. Pure tensor math on the device, no host reads (a decode step can be captured).
+
+Randomness is counter-based: the noise of slot s is a hash of (its request's seed, the index of the token being
+chosen, the vocabulary id), never a shared generator's state. So a seeded request gets the same tokens alone or
+in any batch, in any slot, on any run. Sampling is Gumbel-max: argmax(logits / T + G) with G = -log(-log(U))
+over the tokens top-k and top-p keep, which draws exactly from the softmax of the kept logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+from ..config import MAX_LOGPROBS as TOP_LOGPROBS  # the most top log-probs a request may ask for
+
+Tensor = torch.Tensor
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    """Per-slot parameters, device tensors [S]: temperature (0 = greedy), top_k (0 = all), top_p (1 = all),
+    seed (any int64) and counter (the index of the token being chosen: 0 for the first)."""
+
+    temperature: Tensor  # float32
+    top_k: Tensor  # int64
+    top_p: Tensor  # float32
+    seed: Tensor  # int64
+    counter: Tensor  # int64
+
+    @classmethod
+    def allocate(cls, slots: int, device: torch.device) -> "SamplingParams":
+        z = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(torch.float32), z(torch.long), torch.ones(slots, device=device), z(torch.long), z(torch.long))
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mix (lowbias32), exact in int64 arithmetic."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: Tensor, counter: Tensor, ids: Tensor) -> Tensor:
+    """U in (0, 1), float64, for seed, counter [S] and vocabulary ids [S, V] (int64): a pure function of the
+    three, so independent of the batch around it."""
+    base = _hash32(_hash32(seed & _M32) ^ _hash32((seed >> 32) & _M32) * 3 + counter)  # [S]
+    h = _hash32(_hash32(base[:, None] ^ ids) + ids * 0x9E37)
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+def sample(logits: Tensor, p: SamplingParams) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [S, V] float32 -> (token [S] int64, its log-prob [S], top ids [S, T], top log-probs [S, T]),
+    T = min(TOP_LOGPROBS, V). Log-probs are the model's own distribution (log-softmax of the raw logits, before
+    temperature and filtering). Rows with temperature 0 take the argmax: exactly the greedy token."""
+    s, v = logits.shape
+    greedy = torch.argmax(logits, dim=-1)
+    temp = torch.where(p.temperature > 0, p.temperature, torch.ones_like(p.temperature))
+    scaled, ids = torch.sort(logits / temp[:, None], dim=-1, descending=True)
+    probs = torch.softmax(scaled, dim=-1)
+    rank = torch.arange(v, device=logits.device)
+    k = torch.where(p.top_k > 0, p.top_k, v)
+    # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+    keep = (rank[None, :] < k[:, None]) & ((torch.cumsum(probs, dim=-1) - probs) < p.top_p[:, None])
+    keep[:, 0] = True
+    gumbel = -torch.log(-torch.log(uniform_noise(p.seed, p.counter, ids)))
+    noisy = torch.where(keep, scaled.double() + gumbel, -torch.inf)
+    sampled = ids.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
+    token = torch.where(p.temperature > 0, sampled, greedy)
+    logp = torch.log_softmax(logits, dim=-1)
+    top_lp, top_ids = torch.topk(logp, min(TOP_LOGPROBS, v), dim=-1)
+    return token, logp.gather(1, token[:, None])[:, 0], top_ids, top_lp

@@ -1,0 +1,92 @@
+"""The sampler: temperature 0 and top_k 1 are greedy; a seeded slot's tokens do not depend on the batch around
+it; at temperature 1 the empirical distribution matches the softmax, and top-k / top-p draw from the kept
+tokens renormalised (chi-square tests, fixed seeds, stated tolerance)."""
+
+from __future__ import annotations
+
+import torch
+
+from star_mcore.ops.sampling import TOP_LOGPROBS, SamplingParams, sample
+
+V = 101
+
+
+def _params(n, temperature=1.0, top_k=0, top_p=1.0, seeds=None, counter=0):
+    return SamplingParams(torch.full((n,), float(temperature)), torch.full((n,), top_k, dtype=torch.long),
+                          torch.full((n,), float(top_p)),
+                          torch.arange(n, dtype=torch.long) if seeds is None else torch.as_tensor(seeds),
+                          torch.full((n,), counter, dtype=torch.long))
+
+
+def _logits(n, seed=0, scale=2.0):
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    logits = _logits(64)
+    for p in (_params(64, temperature=0.0), _params(64, temperature=0.7, top_k=1)):
+        token, lp, top_ids, top_lp = sample(logits, p)
+        assert torch.equal(token, logits.argmax(-1))
+    assert top_ids.shape == (64, TOP_LOGPROBS)
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(lp, logp.gather(1, token[:, None])[:, 0])
+    torch.testing.assert_close(top_lp, logp.topk(TOP_LOGPROBS, -1).values)
+    assert torch.equal(top_ids[:, 0], logits.argmax(-1))
+
+
+def test_a_seeded_slot_draws_the_same_whatever_the_batch():
+    logits = _logits(8, seed=1)
+    seeds = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12])
+    batch, *_ = sample(logits, _params(8, seeds=seeds, counter=3))
+    for i in range(8):  # alone, and in another slot of a batch with other requests
+        alone, *_ = sample(logits[i:i + 1], _params(1, seeds=seeds[i:i + 1], counter=3))
+        mixed = torch.cat([_logits(3, seed=9), logits[i:i + 1]])
+        other, *_ = sample(mixed, _params(4, seeds=torch.tensor([1, 2, 3, int(seeds[i])]), counter=3))
+        assert alone.item() == batch[i].item() == other[3].item()
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    seen = expected > 0
+    assert counts[~seen].sum() == 0, "a token outside the kept set was drawn"
+    return float((((counts - expected) ** 2)[seen] / expected[seen]).sum()), int(seen.sum()) - 1
+
+
+def _draw(logits_row, n, **kw):
+    p = _params(n, seeds=torch.arange(n, dtype=torch.long) * 7919 + 13, **kw)
+    token, *_ = sample(logits_row.expand(n, V).contiguous(), p)
+    return torch.bincount(token, minlength=V).double()
+
+
+# chi-square critical values at p = 0.001 (the tolerance: a correct sampler fails 1 time in 1000 per check)
+def _critical(dof: int) -> float:
+    z = 3.090  # one-sided normal quantile for 0.001; Wilson-Hilferty approximation
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def test_temperature_one_matches_the_softmax():
+    row = _logits(1, seed=2, scale=1.0)[0]
+    counts = _draw(row, 40000)
+    stat, dof = _chi_square(counts, torch.softmax(row.double(), -1))
+    assert stat < _critical(dof), (stat, dof)
+
+
+def test_temperature_top_k_and_top_p_draw_from_the_kept_tokens():
+    row = _logits(1, seed=3, scale=1.5)[0]
+    t = 0.8
+    probs = torch.softmax(row.double() / t, -1)
+    order = probs.argsort(descending=True)
+    # top_k = 10
+    kept = torch.zeros(V, dtype=torch.bool)
+    kept[order[:10]] = True
+    target = torch.where(kept, probs, 0.0)
+    stat, dof = _chi_square(_draw(row, 30000, temperature=t, top_k=10), target / target.sum())
+    assert stat < _critical(dof), (stat, dof)
+    # top_p = 0.6: the smallest prefix of the sorted tokens with mass >= 0.6
+    mass_before = probs[order].cumsum(0) - probs[order]
+    kept = torch.zeros(V, dtype=torch.bool)
+    kept[order[mass_before < 0.6]] = True
+    target = torch.where(kept, probs, 0.0)
+    stat, dof = _chi_square(_draw(row, 30000, temperature=t, top_p=0.6), target / target.sum())
+    assert stat < _critical(dof), (stat, dof)
