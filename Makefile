@@ -17,10 +17,10 @@ PY := $(VENV)/bin/python
 PYTHON312 ?= python3.12
 MCORE_NEWEST := 0.19.2
 # What depends on megatron-core: the model built and compared with HF transformers (none, ring, star; CP 1-4,
-# TP2 x CP2), the decode loops, context reuse, checkpoint loading, the CLI end to end under torchrun, start-up.
+# TP2 x CP2), continuous batching and sampling, checkpoint loading, the CLI end to end under torchrun, start-up.
 # The rest (kernels, layouts, eval tasks, config, the watchdog's fault handling, Slurm, bench smoke runs) runs
 # on the full leg only. A new test file that builds the model belongs here.
-COMPAT_TESTS := tests/test_equivalence.py tests/test_decode_loops.py tests/test_context_reuse.py \
+COMPAT_TESTS := tests/test_equivalence.py tests/test_batching.py \
 	tests/test_checkpoints.py tests/test_cli.py tests/test_startup.py tests/test_planner.py tests/test_kv_cache.py \
 	tests/test_smollm2.py
 

@@ -1,6 +1,7 @@
 """Phase 1 once, many queries: ``--questions`` requests over one context answered in a row, each re-encoding its
-context (``Engine.generate``) and sharing one phase 1 (``ContextReuse``, what ``star-mcore generate`` does for
-consecutive requests over the same context). One GPU (CP 1), a Llama-shaped model with random bf16 weights.
+context (``Engine.generate``) and sharing one phase 1 (one ``ContinuousBatch`` of one slot: the context stays
+resident between its requests, what ``star-mcore generate`` does with ``inference.max_batch_size=1``). One GPU (CP
+1), a Llama-shaped model with random bf16 weights.
 
     python scripts/bench_context_reuse.py --out docs/bench/context_reuse.json
     python scripts/bench_context_reuse.py --smoke --out /tmp/x.json     # CPU check of the script
@@ -19,22 +20,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from star_mcore.config import InferenceConfig  # noqa: E402
-from star_mcore.inference.engine import ContextReuse, Engine  # noqa: E402
+from star_mcore.inference.batch import ContinuousBatch, Job  # noqa: E402
+from star_mcore.inference.engine import Engine, Sampling  # noqa: E402
 
 
 def run(engine: Engine, context, questions, reuse: bool) -> dict:
     """Answer every question; wall time of the whole series and each request's timings and tokens."""
-    contexts = ContextReuse(engine) if reuse else None
     dev = engine.groups.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    gens = [contexts.generate(context, q) if reuse else engine.generate(context, q) for q in questions]
+    if reuse:
+        gens = []
+        jobs = [Job(context, q, Sampling(engine.inference.tokens_to_generate)) for q in questions]
+        ContinuousBatch(engine).run(jobs, lambda job, gen: gens.append(gen))
+    else:
+        gens = [engine.generate(context, q) for q in questions]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total = time.perf_counter() - t0
-    if contexts is not None:
-        contexts.held.release()
     return dict(total_s=total, phase1_s=[g.timings["phase1_s"] for g in gens],
                 phase2_s=[g.timings["phase2_s"] for g in gens], reused=[g.context_reused for g in gens],
                 tokens=[g.generated_ids for g in gens])
@@ -69,7 +73,8 @@ def main() -> None:
         questions = [torch.randint(0, vocab, (args.query,), generator=g) for _ in range(args.questions)]
         for mode in args.modes.split(","):
             engine = Engine(model, groups, InferenceConfig(context_parallel_mode=mode, block_size=-(-n // 8),
-                                                           anchor_size=-(-n // 8), tokens_to_generate=args.new_tokens))
+                                                           anchor_size=-(-n // 8), tokens_to_generate=args.new_tokens,
+                                                           max_batch_size=1))
             engine.generate(context[: min(n, 4096)], questions[0])  # warm-up: kernels, graph machinery
             alone = run(engine, context, questions, reuse=False)
             reused = run(engine, context, questions, reuse=True)

@@ -1,12 +1,12 @@
-"""Phase 2 against the memory floor: ms per generated token of the engine's decode loops on one GPU, beside the
-floor (every weight the step reads plus the host's KV, once, at the bandwidth measured in the same run) and,
-optionally, HF transformers with a static cache under torch.compile.
+"""Phase 2 against the memory floor: ms per generated token of the engine's decode loops on one GPU, beside the floor
+(every weight the step reads plus the host's KV, once, at the bandwidth measured in the same run) and, optionally,
+HF transformers with a static cache under torch.compile.
 
-A host's phase 2 reads its own KV share: ``kv_share`` = context (CP 1) and context / 8 (the query host of 8
-hosts; on one GPU the merge's all-gather is absent, one small collective per layer on real hosts). The cache
-is filled with random K, V (phase 1 is not what is timed), the query pass and the decode loop are the engine's
-own (``Engine.answer``). Per-token cost is the slope between two budgets, so the one-off costs (the first
-decode step, the graph capture) are reported apart, as ``overhead_s``.
+A host's phase 2 reads its own KV share: ``kv_share`` = context (CP 1) and context / 8 (the query host of 8 hosts;
+on one GPU the merge's all-gather is absent, one small collective per layer on real hosts). The cache is filled with
+random K, V (phase 1 is not what is timed: benchlib.random_phase1), the query pass and the decode loop are the
+engine's own (``Engine.generate``, a batch of one). Per-token cost is the slope between two budgets, so the one-off
+costs (the first decode step, the graph capture) are reported apart, as ``overhead_s``.
 
     python scripts/bench_decode_floor.py --out docs/bench/decode_floor.json [--hf llama3.1-8b]
     python scripts/bench_decode_floor.py --smoke --out /tmp/x.json          # CPU check of the script
@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from star_mcore.config import InferenceConfig  # noqa: E402
-from star_mcore.inference.engine import EncodedContext, Engine  # noqa: E402
-from star_mcore.inference.kv_cache import KVCache  # noqa: E402
+from star_mcore.inference.engine import Engine  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -50,21 +49,9 @@ def step_bytes(model, kv_share: int) -> int:
     return weights + kv
 
 
-def filled_context(model, kv_share: int, extra: int, device) -> EncodedContext:
-    """A context of ``kv_share`` tokens whose cache holds random K, V (what phase 1 leaves, without running it)."""
-    a = model.arch
-    cache = KVCache(a.num_layers, reserve=kv_share + extra)
-    g = torch.Generator(device=device).manual_seed(0)
-    for layer in range(a.num_layers):
-        for start in range(0, kv_share, 16384):  # in pieces: no full-size temporary
-            n = min(16384, kv_share - start)
-            k = torch.randn(1, a.num_kv_heads, n, a.head_dim, device=device, generator=g, dtype=model.dtype)
-            cache.append(layer, k, torch.randn_like(k))
-    return EncodedContext(torch.zeros(kv_share, dtype=torch.long), cache, kv_share, 0.0, room=extra)
-
-
-def time_answer(engine: Engine, context: EncodedContext, query, budget: int) -> dict:
-    gen = engine.answer(context, query, budget)  # rolls the cache back to the context first
+def time_answer(engine: Engine, kv_share: int, query, budget: int) -> dict:
+    """One request over a ``kv_share``-token context of random K, V (benchlib.random_phase1)."""
+    gen = engine.generate(torch.zeros(kv_share, dtype=torch.long), query, tokens_to_generate=budget)
     assert len(gen.generated_ids) == budget, "no EOS ids: every run generates its whole budget"
     return gen.timings
 
@@ -73,25 +60,24 @@ def engine_rows(args, model, groups, kv_share: int) -> dict:
     """Per-token decode cost (slope between two budgets, median of reps) for the graph and eager loops."""
     dev = groups.device
     query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
-    context = filled_context(model, kv_share, args.query + max(args.budgets + args.eager_budgets), dev)
     out = {}
     for loop in args.loops:
         lo, hi = args.eager_budgets if loop == "eager" else args.budgets
         engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=loop,
-                                                       attention_backend=args.backend))
-        time_answer(engine, context, query, lo)  # warm-up: kernels compiled, allocator primed
+                                                       attention_backend=args.backend, max_batch_size=1))
+        benchlib.random_phase1(engine)
+        time_answer(engine, kv_share, query, lo)  # warm-up: kernels compiled, the graph captured
         runs = {b: [] for b in (lo, hi)}
         for _ in range(args.reps):
             for b in (lo, hi):
-                runs[b].append(time_answer(engine, context, query, b))
+                runs[b].append(time_answer(engine, kv_share, query, b))
         med = {b: {k: sorted(r[k] for r in runs[b])[len(runs[b]) // 2] for k in ("phase2_s", "first_token_s")}
                for b in runs}
         per_token = ((med[hi]["phase2_s"] - med[hi]["first_token_s"])
                      - (med[lo]["phase2_s"] - med[lo]["first_token_s"])) / (hi - lo)
         overhead = (med[lo]["phase2_s"] - med[lo]["first_token_s"]) - (lo - 1) * per_token
         out[loop] = dict(ms_per_token=per_token * 1e3, first_token_s=med[lo]["first_token_s"], overhead_s=overhead,
-                         graph_used=getattr(engine.decoder, "replayed", False))
-    context.release()
+                         graph_used=getattr(engine.decoder, "replays", 0) > 0)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -105,17 +91,17 @@ def profile_static_step(args, model, groups, kv_share: int, steps: int = 8) -> d
 
     dev = groups.device
     query = torch.randint(0, model.arch.vocab_size, (args.query,), generator=torch.Generator().manual_seed(1))
-    context = filled_context(model, kv_share, args.query + 2 * steps + 4, dev)
     engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode="static",
-                                                   attention_backend=args.backend))
-    time_answer(engine, context, query, 4)
+                                                   attention_backend=args.backend, max_batch_size=1))
+    benchlib.random_phase1(engine)
+    time_answer(engine, kv_share, query, 4)
     activities = [ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        time_answer(engine, context, query, 1)  # the query pass alone, subtracted below
+        time_answer(engine, kv_share, query, 1)  # the query pass alone, subtracted below
     base = {e.key: (e.count, e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total)
             for e in prof.key_averages()}
     with profile(activities=activities) as prof:
-        time_answer(engine, context, query, steps + 1)
+        time_answer(engine, kv_share, query, steps + 1)
     rows = []
     for e in prof.key_averages():
         c0, t0 = base.get(e.key, (0, 0.0))
@@ -124,7 +110,6 @@ def profile_static_step(args, model, groups, kv_share: int, steps: int = 8) -> d
         if count > 0 and t > 0:
             rows.append(dict(kernel=e.key[:90], per_step=round(count, 2), ms_per_step=round(t, 4)))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    context.release()
     return dict(busy_ms_per_step=round(sum(r["ms_per_step"] for r in rows), 4),
                 kernels_per_step=round(sum(r["per_step"] for r in rows), 1), top=rows[:25])
 

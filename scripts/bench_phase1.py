@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from star_mcore.inference.kv_cache import KVCache  # noqa: E402
+from star_mcore.inference.kv_cache import KVPool  # noqa: E402
 from star_mcore.inference.steps import EncodeSegment, EncodeWithAnchor, SharedAnchor  # noqa: E402
 from star_mcore.ops.attention import accumulate_ring_step, resolve_backend  # noqa: E402
 from star_mcore.ops.layout import ring_chunk_ids, ring_chunks, star_layout  # noqa: E402
@@ -81,8 +81,9 @@ def main() -> None:
                 ids = torch.randint(0, 32000, (n_tokens,), device=dev)
                 pos = torch.arange(n_tokens, device=dev)
 
-                def fn():
-                    with model.attending(make_step(KVCache(1))):
+                def fn():  # the layer's K, V into a sequence of a fresh pool, as phase 1 writes them
+                    pool = KVPool(1, 2 + -(-n_tokens // 256), 256, s["num_kv_heads"], s["head_dim"], model.dtype, dev)
+                    with model.attending(make_step(pool.allocate(n_tokens))):
                         model.hidden(ids, pos)
 
                 try:

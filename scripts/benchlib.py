@@ -104,3 +104,22 @@ def env_flags() -> None:
     # Keep NVLink multicast off (shared machines), as the device notes ask.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+
+def random_phase1(engine) -> None:
+    """For benchmarks of phase 2: the engine's phase 1 writes random K, V into the context's sequence instead of
+    running the model (what phase 1 leaves, without its time). The decode steps read them as they would real KV."""
+    m, g = engine.model, engine.groups
+    hk = m.arch.num_kv_heads // g.tp.size()
+
+    def prefill(context_ids: torch.Tensor, seq) -> None:
+        m.runtime.reset_guard(g.device)  # as Engine.prefill: the guard encode reads
+        gen = torch.Generator(device=g.device).manual_seed(0)
+        n_all = engine.context_share(len(context_ids))
+        for layer in range(m.arch.num_layers):
+            for start in range(0, n_all, 16384):  # in pieces: no full-size temporary
+                n = min(16384, n_all - start)
+                k = torch.randn(1, hk, n, m.arch.head_dim, device=g.device, generator=gen, dtype=m.dtype)
+                seq.append(layer, k, torch.randn_like(k))
+
+    engine.prefill = prefill

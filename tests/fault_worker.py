@@ -12,14 +12,14 @@ from star_mcore.inference import engine as engine_mod
 fault_rank = int(os.environ.get("FAULT_RANK", "-1"))
 if int(os.environ["RANK"]) == fault_rank:
     calls = {"n": 0}
-    original = engine_mod.Engine.answer  # once per request (generate goes through ContextReuse: encode, answer)
+    original = engine_mod.Engine.query  # once per request (its query pass)
 
-    def failing_answer(self, *args, **kwargs):
+    def failing_query(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == int(os.environ.get("FAULT_AT", "2")):
             raise RuntimeError("injected fault")
         return original(self, *args, **kwargs)
 
-    engine_mod.Engine.answer = failing_answer
+    engine_mod.Engine.query = failing_query
 
 sys.exit(main(sys.argv[1:]))

@@ -37,3 +37,12 @@ def test_context_reuse_smoke(tmp_path):
     for r in data["rows"]:
         assert r["same_tokens"] and r["reused"] == [False, True, True]
         assert r["reuse"]["phase1_s"][1:] == [0.0, 0.0] and all(t > 0 for t in r["alone"]["phase1_s"])
+
+
+def test_batch_smoke(tmp_path):
+    data = _smoke("bench_batch.py", tmp_path / "batch.json")
+    assert [(r["batch"], r["kv_share"], r["shared_context"]) for r in data["rows"]] == \
+        [(1, 64, False), (3, 64, False), (1, 96, True), (3, 96, True)]
+    for r in data["rows"]:
+        assert set(r) >= {"batch", "kv_share", "shared_context", "ms_per_step", "tokens_per_s", "floor_ms_per_step"}
+    assert [(w["max_batch_size"], w["requests"]) for w in data["workload"]] == [(1, 5), (3, 5)]

@@ -1,15 +1,14 @@
-"""The KV cache's storage: one allocation of the host's final size, and the engine's reservation per host."""
+"""The KV pool and its sequences: pages allocated in one run where possible (K, V are then views, no copies),
+scattered pages gathered in order, pages given back, capacity refused; each host's share of a context."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from star_mcore.config import InferenceConfig
-from star_mcore.inference.engine import Engine
-from star_mcore.inference.kv_cache import KVCache
+from star_mcore.inference.kv_cache import KVPool
+from star_mcore.inference.modes import context_parallel_mode
 
 
 def _kv(n, start=0):
@@ -17,42 +16,58 @@ def _kv(n, start=0):
     return x, -x
 
 
-def test_reserved_cache_is_allocated_once():
-    cache = KVCache(1, reserve=10)
-    cache.append(0, *_kv(4))
-    ptr = cache.get(0, _kv(1)[0])[0].data_ptr()
+def _pool(pages=10, page=4):
+    return KVPool(num_layers=1, pages=pages, page_size=page, kv_heads=2, head_dim=3, dtype=torch.float32,
+                  device=torch.device("cpu"))
+
+
+def test_a_sequence_in_one_run_of_pages_is_read_as_a_view():
+    pool = _pool()
+    seq = pool.allocate(10)
+    assert seq.pages == [1, 2, 3] and pool.free_pages == 6
+    seq.append(0, *_kv(4))
     for i in range(4, 10):
-        cache.append(0, *_kv(1, i))
-    k, v = cache.get(0, _kv(1)[0])
-    assert k.data_ptr() == ptr and len(cache) == 10
-    assert torch.equal(k, _kv(10)[0]) and torch.equal(v, _kv(10)[1])
+        seq.append(0, *_kv(1, i))
+    k, v = seq.get(0, _kv(1)[0])
+    assert len(seq) == 10 and torch.equal(k, _kv(10)[0]) and torch.equal(v, _kv(10)[1])
+    assert k.data_ptr() == pool.k[0][:, 1].data_ptr()  # a view into the pool
+    with pytest.raises(ValueError, match="room for 10"):
+        seq.append(0, *_kv(1, 10))
 
 
-def test_cache_grows_past_its_reservation_and_keeps_its_contents():
-    cache = KVCache(1, reserve=3)
-    cache.append(0, *_kv(3))
-    ptr = cache.get(0, _kv(1)[0])[0].data_ptr()
-    cache.append(0, *_kv(2, 3))
-    k, v = cache.get(0, _kv(1)[0])
-    assert k.data_ptr() != ptr and torch.equal(k, _kv(5)[0]) and torch.equal(v, _kv(5)[1])
+def test_scattered_pages_are_written_and_read_in_order_and_given_back():
+    pool = _pool(pages=8)
+    a, b, c, d, _ = (pool.allocate(4) for _ in range(5))  # pages 1..5
+    pool.release(b)
+    pool.release(d)
+    pool.allocate(8)  # pages 6, 7: free now 2 and 4, no run of two
+    seq = pool.allocate(7)
+    assert seq.pages == [2, 4]
+    seq.append(0, *_kv(7))
+    k, v = seq.get(0, _kv(1)[0])
+    assert torch.equal(k, _kv(7)[0]) and torch.equal(v, _kv(7)[1])
+    assert torch.equal(seq.flat_positions(3, 2), torch.tensor([11, 16]))  # page 2 offset 3, page 4 offset 0
+    pool.release(seq)
+    pool.release(a)
+    assert pool.free_pages == 3 and seq.pages == []
+    with pytest.raises(MemoryError, match="3 free pages, 4 needed"):
+        pool.allocate(16)
+    assert c.pages == [3]
 
 
 @pytest.mark.parametrize("mode,partition", [("star", "uniform"), ("star", "balanced"), ("ring", "uniform")])
 @pytest.mark.parametrize("n", [1, 250, 1000, 1337])
-def test_engine_reserves_each_hosts_share_of_the_context(mode, partition, n):
-    shares = []
-    for rank in range(4):
-        groups = SimpleNamespace(cp_size=4, cp_rank=rank, device=torch.device("cpu"))
-        inference = InferenceConfig(context_parallel_mode=mode, block_size=100, anchor_size=50, partition=partition)
-        shares.append(Engine(SimpleNamespace(dtype=torch.float32), groups, inference).context_share(n))
+def test_every_context_token_is_held_by_one_host(mode, partition, n):
+    inference = InferenceConfig(context_parallel_mode=mode, block_size=100, anchor_size=50, partition=partition)
+    shares = context_parallel_mode(inference).context_shares(n, 4)
     assert sum(shares) == n
     if mode == "star" and partition == "uniform" and n == 1000:
         assert shares == [300, 300, 200, 200]  # contiguous blocks, the remainder spread from host 0
 
 
-def test_no_cache_outlives_its_request(gqa_ckpt):
-    """The model's attention step holds the request's KV cache: it is dropped after each request (also a
-    failed one), or the next request's phase 1 would run beside the last one's whole cache."""
+def test_no_sequence_outlives_its_request(gqa_ckpt):
+    """The model's attention step holds the request's KV: it is dropped after each request (also a failed
+    one), and every page goes back to the pool."""
     from distributed import run_world
     from workers import cache_freed_after_generate
 

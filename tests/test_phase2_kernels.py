@@ -1,73 +1,112 @@
-"""Phase 2's kernels. The decode kernels (a fixed KV buffer, its valid length a device tensor): the masked torch
-and the Triton split-KV kernel (run by Triton's interpreter on CPU, conftest sets TRITON_INTERPRET) against
-a float64 softmax over exactly the valid keys; the fused merge against the torch merge; the fused RoPE against
-the rotate-half formula. On a GPU machine the same tests run compiled on CUDA; bf16 is checked there
-(tests/test_gpu.py): the interpreter does not model bf16."""
+"""Phase 2's kernels. The batched step's paged attention (the torch reference, and the Triton split-KV kernel,
+run by Triton's interpreter on CPU: conftest sets TRITON_INTERPRET): every slot's output equals one float64
+softmax over the union of its groups' keys (a shared context read once for several slots, each slot's own tokens
+apart), with GQA, pages out of order, long groups over several splits, an empty group, an idle slot and NaN in
+the scratch page; the fused merge against the torch merge; the fused RoPE against the rotate-half formula. On a
+GPU machine the same tests run compiled on CUDA; bf16 is checked there (tests/test_gpu.py)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from star_mcore.ops.decode_attention import (masked_decode_attention, resolve_decode_kernel,
-                                             split_kv_decode_attention, triton_available)
 from star_mcore.ops.merge import merge_partials
-from test_ops import _dense
+from star_mcore.ops.paged_attention import (PagedLayout, paged_attention_reference, paged_attention_triton,
+                                            resolve_paged_kernel, split_count)
+from star_mcore.ops.triton_support import triton_available
 
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-KERNELS = [pytest.param(masked_decode_attention, id="masked"),
-           pytest.param(split_kv_decode_attention, id="split_kv", marks=needs_triton)]
+KERNELS = [pytest.param(paged_attention_reference, id="reference"),
+           pytest.param(paged_attention_triton, id="triton", marks=needs_triton)]
 
 
-def _buffers(b, hq, hk, sq, cap, d, seed, dtype=torch.float32):
+def _case(hk, gq, d, page, lengths, seed, splits=3, grow=0):
+    """Slots 0, 1, 3 share context A, slot 2 has context B, slot 4 is idle; every busy slot has its own tokens
+    too. ``lengths``: (A, B, own0..own3). Pages are scattered over the pool; page 0 (scratch) holds NaN."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
-    k = torch.randn(b, hk, cap, d, generator=g).to(dtype)
-    v = torch.randn(b, hk, cap, d, generator=g).to(dtype)
-    return q.to(DEV), k.to(DEV), v.to(DEV)
+    names = ["A", "B", "own0", "own1", "own2", "own3"]
+    seqs = dict(zip(names, lengths))
+    n_pages = 2 + sum(-(-(n + grow) // page) for n in seqs.values())
+    k_pool = torch.randn(hk, n_pages, page, d, generator=g)
+    v_pool = torch.randn(hk, n_pages, page, d, generator=g)
+    k_pool[:, 0], v_pool[:, 0] = float("nan"), float("nan")
+    q = torch.randn(5, hk, gq, d, generator=g)
+    perm = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
+    pages = {n: [perm.pop() for _ in range(-(-(seqs[n] + grow) // page))] for n in names}
+    groups = [("A", [0, 1, 3], 0), ("B", [2], 0), ("own0", [0], 1), ("own1", [1], 1), ("own2", [2], 1),
+              ("own3", [3], 1), (None, [], 0)]  # the last: a padding group (no keys, no members)
+    W, M = max(len(p) for p in pages.values()), 4
+    table = torch.zeros(len(groups), W, dtype=torch.int32)
+    lens = torch.zeros(len(groups), dtype=torch.int32)
+    members = torch.full((len(groups), M), -1, dtype=torch.long)
+    part = torch.zeros(len(groups), dtype=torch.long)
+    for i, (name, mem, pt) in enumerate(groups):
+        if name:
+            table[i, : len(pages[name])] = torch.tensor(pages[name], dtype=torch.int32)
+            lens[i] = seqs[name]
+        members[i, : len(mem)] = torch.tensor(mem, dtype=torch.long)
+        part[i] = pt
+    layout = PagedLayout(table.to(DEV), lens.to(DEV), members.to(DEV), part.to(DEV), n_parts=2, splits=splits)
+    return q.to(DEV), k_pool.to(DEV), v_pool.to(DEV), layout, pages
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("hq,hk,sq,cap,n,d", [
-    (4, 2, 1, 700, 700, 16),    # full buffer, GQA 2
-    (4, 2, 1, 700, 333, 16),    # tail masked; several splits, some empty
-    (8, 1, 3, 300, 1, 32),      # one valid key; MQA; three query rows each
-    (3, 3, 2, 64, 64, 24),      # MHA, head dim not a power of two
-    (9, 3, 1, 1100, 1030, 64),  # SmolLM2's heads; the length ends inside a tile
-])
-def test_decode_kernel_matches_fp64_softmax_over_valid_keys(kernel, hq, hk, sq, cap, n, d):
-    q, k, v = _buffers(1, hq, hk, sq, cap, d, seed=cap + n)
-    # poison the tail: it must not leak into the result
-    k[:, :, n:] = 1e4
-    v[:, :, n:] = float("nan")
-    out, lse = kernel(q, k, v, torch.tensor([n], device=DEV), d ** -0.5)
-    ref_o, ref_l = _dense(q, k[:, :, :n], v[:, :, :n], torch.ones(sq, n, dtype=torch.bool, device=DEV))
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    assert out.shape == (1, hq, sq, d) and lse.shape == (1, hq, sq)
-    assert (out.double() - ref_o).abs().max() < 1e-5
-    assert (lse.double() - ref_l).abs().max() < 1e-5
+def _expected(q, k_pool, v_pool, layout, pages, scale):
+    """Per busy slot: one float64 softmax over its context's and its own keys."""
+    hk, _, page, d = k_pool.shape
+    lens = dict(zip(["A", "B", "own0", "own1", "own2", "own3"], layout.lens.tolist()))
+
+    def keys(name):
+        flat = torch.tensor([p * page + o for p in pages[name] for o in range(page)][: lens[name]], device=q.device)
+        return k_pool.reshape(hk, -1, d)[:, flat].double(), v_pool.reshape(hk, -1, d)[:, flat].double()
+
+    out = {}
+    for slot, ctx in [(0, "A"), (1, "A"), (2, "B"), (3, "A")]:
+        (ka, va), (ko, vo) = keys(ctx), keys(f"own{slot}")
+        k, v = torch.cat([ka, ko], 1), torch.cat([va, vo], 1)  # [hk, n, d]
+        s = torch.einsum("hgd,hnd->hgn", q[slot].double(), k) * scale
+        out[slot] = (torch.softmax(s, -1) @ v, torch.logsumexp(s, -1))
+    return out
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf is meant
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_decode_kernel_with_no_valid_key_is_a_neutral_partial(kernel):
-    q, k, v = _buffers(1, 4, 2, 1, 128, 16, seed=1)
-    out, lse = kernel(q, k, v, torch.tensor([0], device=DEV), 0.25)
-    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+@pytest.mark.parametrize("hk,gq,d,page,lengths", [
+    (2, 3, 16, 4, (10, 7, 3, 1, 6, 4)),           # GQA 3, small pages
+    (2, 2, 16, 16, (700, 333, 5, 1, 17, 40)),     # long groups: several splits, some empty
+    (1, 8, 32, 8, (1, 300, 2, 2, 2, 2)),           # MQA; a context of one key
+    (3, 1, 24, 5, (64, 64, 9, 1, 3, 3)),           # MHA, head dim not a power of two, odd page size
+    (3, 3, 64, 64, (1030, 200, 70, 1, 1, 130)),    # SmolLM2's heads; lengths end inside a tile
+])
+def test_each_slot_gets_one_softmax_over_its_groups(kernel, hk, gq, d, page, lengths):
+    q, k_pool, v_pool, layout, pages = _case(hk, gq, d, page, lengths, seed=sum(lengths))
+    out, lse = kernel(q, k_pool, v_pool, layout, d ** -0.5)
+    assert out.dtype == torch.float32 and out.shape == (5, hk, gq, d) and lse.shape == (5, hk, gq)
+    for slot, (o, l) in _expected(q, k_pool, v_pool, layout, pages, d ** -0.5).items():
+        assert (out[slot].double() - o).abs().max() < 1e-5, slot
+        assert (lse[slot].double() - l).abs().max() < 1e-5, slot
+    assert torch.all(out[4] == 0) and torch.all(lse[4] == -math.inf)  # the idle slot: a neutral partial
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_decode_kernel_batch_rows_have_their_own_lengths(kernel):
-    q, k, v = _buffers(2, 4, 2, 1, 400, 16, seed=2)
-    lengths = [400, 57]
-    out, lse = kernel(q, k, v, torch.tensor(lengths, device=DEV), 0.25)
-    for i, n in enumerate(lengths):
-        s = (q[i:i + 1].double() @ k[i:i + 1, :, :n].double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
-        ref_o = torch.softmax(s, -1) @ v[i:i + 1, :, :n].double().repeat_interleave(2, 1)
-        assert (out[i:i + 1].double() - ref_o).abs().max() < 1e-5
-        assert (lse[i:i + 1].double() - torch.logsumexp(s, -1)).abs().max() < 1e-5
+@needs_triton
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_triton_kernel_follows_lengths_that_grow_on_the_device():
+    """The launch stays the same (static shapes) while the own groups grow by a key per step, as in decoding."""
+    q, k_pool, v_pool, layout, pages = _case(2, 2, 16, 4, (40, 9, 3, 1, 6, 4), seed=3, splits=4, grow=3)
+    for _ in range(3):
+        layout.lens[2:6] += 1
+        out, lse = paged_attention_triton(q, k_pool, v_pool, layout, 0.3)
+        for slot, (o, l) in _expected(q, k_pool, v_pool, layout, pages, 0.3).items():
+            assert (out[slot].double() - o).abs().max() < 1e-5
+            assert (lse[slot].double() - l).abs().max() < 1e-5
+
+
+def test_paged_kernel_choice_and_split_counts():
+    assert resolve_paged_kernel(torch.device("cpu")) is paged_attention_reference
+    assert split_count(1, 8, 132) == 64 and split_count(16, 8, 132) == 4 and split_count(64, 8, 132) == 1
 
 
 @needs_triton
@@ -89,12 +128,6 @@ def test_fused_merge_equals_torch_merge(n):
     finite = torch.isfinite(ref_l)
     assert torch.equal(torch.isfinite(lse.reshape(ref_l.shape)), finite)
     assert torch.allclose(lse.reshape(ref_l.shape)[finite], ref_l[finite], atol=1e-5)
-
-
-def test_resolve_decode_kernel():
-    assert resolve_decode_kernel(torch.device("cpu")) is masked_decode_attention
-    with pytest.raises(ValueError, match="unknown decode kernel"):
-        resolve_decode_kernel(torch.device("cpu"), "fast")
 
 
 @needs_triton

@@ -7,8 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
+from star_mcore.config import InferenceConfig
 from star_mcore.inference.requests import IdTracker, Request, Tokenizer, parse_request
 
+INF = InferenceConfig(tokens_to_generate=4)
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}alpha {{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %} bravo{% endif %}")
 
@@ -20,20 +22,20 @@ def test_chat_template_wraps_the_turn_and_cuts_at_the_query(text_ckpt, tmp_path)
     tok = Tokenizer(str(ckpt), chat=True)
     assert tok.has_chat_template() and not Tokenizer(text_ckpt).has_chat_template()
     line = json.dumps({"id": 1, "context": "charlie delta", "query": " echo"})
-    req = parse_request(line, 1, tok, 101, 512, 4)
+    req = parse_request(line, 1, tok, 101, 512, INF)
     # phase 1 gets BOS + the template's opening + the context; phase 2 the query + the assistant header
     assert req.context_ids == [1] + tok.encode("alpha charlie delta", add_bos=False)
     assert req.query_ids == tok.encode(" echo bravo", add_bos=False)
     assert tok.prompt("charlie delta", " echo") == (req.context_ids, req.query_ids)  # the one way, also for eval
-    plain = parse_request(line, 1, Tokenizer(str(ckpt)), 101, 512, 4)
+    plain = parse_request(line, 1, Tokenizer(str(ckpt)), 101, 512, INF)
     assert plain.context_ids == [1] + tok.encode("charlie delta", add_bos=False)
 
 
 def test_a_line_that_is_not_utf8_is_its_requests_error_and_a_bom_is_ignored(text_ckpt):
     tok = Tokenizer(text_ckpt)
-    bad = parse_request(b'{"id": "x", "context": "\xff\xfe", "query": "q"}', 3, tok, 101, 512, 4)
+    bad = parse_request(b'{"id": "x", "context": "\xff\xfe", "query": "q"}', 3, tok, 101, 512, INF)
     assert (bad.id, bad.error) == ("line-3", "line 3 is not valid UTF-8 (byte 25: b'\\xff')")
-    ok = parse_request(b'\xef\xbb\xbf{"id": "y", "context_ids": [1, 2], "query_ids": [3]}', 1, tok, 101, 512, 4)
+    ok = parse_request(b'\xef\xbb\xbf{"id": "y", "context_ids": [1, 2], "query_ids": [3]}', 1, tok, 101, 512, INF)
     assert (ok.id, ok.error, ok.context_ids, ok.query_ids) == ("y", None, [1, 2], [3])
 
 

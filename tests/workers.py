@@ -193,91 +193,63 @@ def cache_freed_after_generate(ckpt: str) -> List[bool]:
     return seen
 
 
-class RecordingEngine(Engine):
-    """An engine that keeps every phase-2 step's logits (on the query host), so decode loops can be compared
-    step by step. Only meaningful where the step runs in Python each time (CPU; no graph replay)."""
+def _job(spec: dict):
+    from star_mcore.inference.batch import Job
+    from star_mcore.inference.engine import Sampling
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.step_logits: List[torch.Tensor] = []
-
-    def decide(self, hidden, decision):
-        logits = super().decide(hidden, decision)
-        if logits is not None:
-            self.step_logits.append(logits.clone())
-        return logits
+    sampling = Sampling(spec["n"], spec.get("temperature", 0.0), spec.get("top_k", 0), spec.get("top_p", 1.0),
+                        spec.get("seed", 0), tuple(spec.get("stop_token_ids", ())), spec.get("logprobs", 0))
+    return Job(torch.tensor(spec["ctx"]), torch.tensor(spec["qry"]), sampling, save_logits=True, tag=spec["tag"])
 
 
-def decode_loops(ckpt: str, tp: int, cp: int, cases: List[dict], loops=("eager", "static", "graph"),
-                 precision: str = "fp32", accelerator: str = "cpu") -> dict:
-    """Each case ({name, mode, block, anchor, ctx, qry, n, eos?}) under every decode loop: the tokens, every
-    step's logits where the step ran in Python (query host), and whether the graph loop kept its graph."""
-    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
-    res: Dict[str, Any] = {}
-    try:
-        for c in cases:
-            for loop in loops:
-                eng = RecordingEngine(model, groups, InferenceConfig(
-                    context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
-                    tokens_to_generate=c["n"], decode=loop), c.get("eos", ()))
-                gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]))
-                res[f"{c['name']}/{loop}"] = {"tokens": gen.generated_ids,
-                                              "logits": [x.tolist() for x in eng.step_logits],
-                                              "graphs": getattr(eng.decoder, "replayed", False)}
-    finally:
-        destroy_parallel()
-    return res
+def _outcome(out) -> dict:
+    if isinstance(out, Exception):
+        return {"error": str(out)}
+    return {"tokens": out.generated_ids, "finish": out.finish_reason, "reused": out.context_reused,
+            "logits": None if out.first_step_logits is None else out.first_step_logits.tolist(),
+            "logprobs": out.logprobs}
 
 
-def decode_step_errors(ckpt: str, loops=("eager", "static", "graph")) -> Dict[str, str]:
-    """The first generated token's embedding made inf after a clean query pass: each decode loop's error for
-    the request (its first decode step feeds that token)."""
-    groups, model = _setup(ckpt, 1, 1)
-    try:
-        inference = InferenceConfig(context_parallel_mode="none", tokens_to_generate=4)
-        first = Engine(model, groups, inference).generate(torch.arange(3, 23), torch.tensor([30, 31])).generated_ids[0]
-        assert first not in range(3, 23) and first not in (30, 31), "pick ids that avoid the poisoned token"
-        with torch.no_grad():
-            model.gpt.embedding.word_embeddings.weight[first] = float("inf")
-        errors = {}
-        for loop in loops:
-            try:
-                Engine(model, groups, InferenceConfig(context_parallel_mode="none", tokens_to_generate=4, decode=loop)
-                       ).generate(torch.arange(3, 23), torch.tensor([30, 31]))
-                errors[loop] = "no error"
-            except NumericalError as e:
-                errors[loop] = str(e)
-    finally:
-        destroy_parallel()
-    return errors
+def batch_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], jobs: List[dict], loops=("eager", "static"),
+                   max_batch: int = 3, page: int = 4, poison_step_of: Optional[str] = None) -> dict:
+    """For each variant ({name, mode, block, anchor}) and decode loop: ``jobs`` ({tag, ctx, qry, n, sampling
+    fields}) run through one ContinuousBatch of ``max_batch`` slots, and each alone (Engine.generate): tokens,
+    finish reasons, first-step logits (query host), log-probs, context_reused, errors; and how many steps ran.
+    ``poison_step_of``: afterwards, the first generated token of that job gets an inf embedding (its first decode
+    step then fails; the test checks no other job feeds it) and the batch runs again."""
+    from star_mcore.inference.batch import ContinuousBatch
 
-
-def reuse_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], requests: List[list],
-                   precision: str = "fp32", accelerator: str = "cpu") -> dict:
-    """For each variant ({name, mode, block, anchor, decode}): the requests ([context ids, query ids]) answered
-    in a row through ContextReuse, and each alone through Engine.generate: tokens, first-step logits (query
-    host), the context_reused flags and whether the decode loop replayed a graph / the kept one."""
-    from star_mcore.inference.engine import ContextReuse
-
-    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
+    groups, model = _setup(ckpt, tp, cp)
     res: Dict[str, Any] = {}
     try:
         for v in variants:
-            eng = Engine(model, groups, InferenceConfig(
-                context_parallel_mode=v["mode"], block_size=v["block"], anchor_size=v["anchor"], tokens_to_generate=5,
-                decode=v["decode"]))
-            reuse = ContextReuse(eng)
-            for how in ("reuse", "alone"):
-                rows = []
-                for ctx, qry in requests:
-                    ids, q = torch.tensor(ctx), torch.tensor(qry)
-                    gen = reuse.generate(ids, q, save_logits=True) if how == "reuse" else eng.generate(ids, q, True)
-                    rows.append({"tokens": gen.generated_ids, "reused": gen.context_reused,
-                                 "phase1_s": gen.timings["phase1_s"],
-                                 "graph": getattr(eng.decoder, "replayed", False),
-                                 "graph_kept": getattr(eng.decoder, "reused", False),
-                                 "logits": None if gen.first_step_logits is None else gen.first_step_logits.tolist()})
-                res[f"{v['name']}/{how}"] = rows
+            for loop in loops:
+                eng = Engine(model, groups, InferenceConfig(
+                    context_parallel_mode=v["mode"], block_size=v["block"], anchor_size=v["anchor"], decode=loop,
+                    max_batch_size=max_batch, kv_page_size=page), v.get("eos", ()))
+                out: Dict[str, Any] = {}
+                ContinuousBatch(eng).run([_job(j) for j in jobs], lambda j, o: out.__setitem__(j.tag, _outcome(o)))
+                alone = {}
+                for j in jobs:
+                    try:
+                        alone[j["tag"]] = _outcome(eng.generate(torch.tensor(j["ctx"]), torch.tensor(j["qry"]), True,
+                                                                sampling=_job(j).sampling))
+                    except NumericalError as e:
+                        alone[j["tag"]] = _outcome(e)
+                res[f"{v['name']}/{loop}"] = {"batch": out, "alone": alone,
+                                              "free": eng.pool.free_pages == eng.pool.pages - 1}
+        if poison_step_of is not None:
+            first = res[f"{variants[0]['name']}/{loops[0]}"]["batch"][poison_step_of]["tokens"][0]
+            with torch.no_grad():
+                model.gpt.embedding.word_embeddings.weight[first] = float("inf")
+            for loop in loops:
+                v = variants[0]
+                eng = Engine(model, groups, InferenceConfig(
+                    context_parallel_mode=v["mode"], block_size=v["block"], anchor_size=v["anchor"], decode=loop,
+                    max_batch_size=max_batch, kv_page_size=page))
+                out = {}
+                ContinuousBatch(eng).run([_job(j) for j in jobs], lambda j, o: out.__setitem__(j.tag, _outcome(o)))
+                res[f"poisoned/{loop}"] = {"batch": out, "token": first}
     finally:
         destroy_parallel()
     return res

@@ -1,0 +1,174 @@
+"""Batched phase 2 on one GPU (CP 1: one host holds each request's whole share): ms per decode step and tokens/s
+for B requests decoding together, beside the step's memory floor (every weight once, plus every KV the step
+must read: each request's own share, or a shared context once), at the bandwidth measured in the same run.
+
+Rows: B requests over separate contexts (``--shares``), B questions over one shared context (``--shared``), and a
+workload of ``--workload`` requests with seeded context and answer lengths run with ``max_batch_size`` 1 and 16
+(requests/s end to end, phase 1 included). In the step rows phase 1 leaves random K, V (benchlib.random_phase1);
+the per-step time is the slope between two budgets, so admission, query passes and graph captures drop out.
+
+    python scripts/bench_batch.py --out docs/bench/batch.json
+    python scripts/bench_batch.py --smoke --out /tmp/x.json     # CPU check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from bench_decode_floor import bandwidth, step_bytes  # noqa: E402
+
+from star_mcore.config import InferenceConfig  # noqa: E402
+from star_mcore.inference.batch import ContinuousBatch, Job  # noqa: E402
+from star_mcore.inference.engine import Engine, Sampling  # noqa: E402
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_jobs(engine: Engine, jobs) -> float:
+    """Seconds to answer ``jobs`` through one batch."""
+    dev = engine.groups.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = []
+    ContinuousBatch(engine).run(jobs, lambda job, gen: out.append(gen))
+    _sync(dev)
+    assert all(not isinstance(g, Exception) for g in out), [g for g in out if isinstance(g, Exception)][:1]
+    return time.perf_counter() - t0
+
+
+def step_row(args, model, groups, batch: int, kv_share: int, shared: bool, bw: float) -> dict:
+    """ms per step of ``batch`` requests decoding together (slope between the two budgets, median of reps)."""
+    vocab = model.arch.vocab_size
+    g = torch.Generator().manual_seed(batch * 7 + kv_share)
+    contexts = [torch.randint(0, vocab, (kv_share,), generator=g)] * batch if shared else \
+        [torch.randint(0, vocab, (kv_share,), generator=g) for _ in range(batch)]
+    queries = [torch.randint(0, vocab, (args.query,), generator=g) for _ in range(batch)]
+    engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=args.decode,
+                                                   max_batch_size=batch, attention_backend=args.backend))
+    benchlib.random_phase1(engine)
+    lo, hi = args.budgets
+    jobs = lambda n: [Job(c, q, Sampling(n)) for c, q in zip(contexts, queries)]  # noqa: E731
+    run_jobs(engine, jobs(lo))  # warm-up: kernels compiled, graphs captured
+    times = {lo: [], hi: []}
+    for _ in range(args.reps):
+        for n in (lo, hi):
+            times[n].append(run_jobs(engine, jobs(n)))
+    med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    per_step = (med[hi] - med[lo]) / (hi - lo)
+    kv = kv_share * (1 if shared else batch) + batch * (args.query + (lo + hi) // 2)  # + each request's own tokens
+    floor_s = step_bytes(model, kv) / bw if bw == bw else float("nan")
+    row = dict(batch=batch, kv_share=kv_share, shared_context=shared, ms_per_step=per_step * 1e3,
+               tokens_per_s=batch / per_step, floor_ms_per_step=floor_s * 1e3,
+               x_floor=per_step / floor_s if floor_s == floor_s else None,
+               graph_captures=getattr(engine.decoder, "captures", 0))
+    engine.pool = None
+    if groups.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def workload_row(args, model, groups, max_batch: int) -> dict:
+    """``--workload`` requests (seeded: context in [lo, hi] tokens, answer in [lo, hi] tokens), end to end with
+    phase 1 really run: requests/s and generated tokens/s."""
+    rnd = random.Random(0)
+    vocab = model.arch.vocab_size
+    c_lo, c_hi = args.workload_context
+    n_lo, n_hi = args.workload_new
+    jobs = []
+    for _ in range(args.workload):
+        ctx = torch.tensor([rnd.randrange(vocab) for _ in range(rnd.randint(c_lo, c_hi))])
+        jobs.append(Job(ctx, torch.tensor([rnd.randrange(vocab) for _ in range(args.query)]),
+                        Sampling(rnd.randint(n_lo, n_hi))))
+    engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=args.decode,
+                                                   max_batch_size=max_batch, attention_backend=args.backend))
+    run_jobs(engine, jobs[:2])  # warm-up
+    seconds = run_jobs(engine, jobs)
+    new = sum(j.sampling.tokens_to_generate for j in jobs)
+    row = dict(max_batch_size=max_batch, requests=len(jobs), seconds=seconds, requests_per_s=len(jobs) / seconds,
+               generated_tokens_per_s=new / seconds)
+    engine.pool = None
+    if groups.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--decode", default="graph")
+    ap.add_argument("--shape", default="llama3.1-8b")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,4,16,32")
+    ap.add_argument("--shares", default="16384,32768")
+    ap.add_argument("--shared", default="131072:1,8,32", help="context:batches of the shared-context rows")
+    ap.add_argument("--query", type=int, default=32)
+    ap.add_argument("--budgets", default="16,48", help="the two budgets of the slope")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workload", type=int, default=64, help="requests of the workload rows (0: none)")
+    ap.add_argument("--workload-context", default="8192,32768")
+    ap.add_argument("--workload-new", default="64,512")
+    ap.add_argument("--memory-gib", type=float, default=0, help="skip rows whose KV exceeds this (0: the GPU's)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
+    args = ap.parse_args()
+    if args.smoke:
+        args.shape, args.layers, args.batches, args.shares, args.shared = "tiny", 2, "1,3", "64", "96:1,3"
+        args.budgets, args.reps, args.workload, args.query = "3,6", 1, 5, 4
+        args.workload_context, args.workload_new = "20,60", "2,6"
+    args.budgets = tuple(map(int, args.budgets.split(",")))
+    args.workload_context = tuple(map(int, args.workload_context.split(",")))
+    args.workload_new = tuple(map(int, args.workload_new.split(",")))
+    benchlib.env_flags()
+    groups = benchlib.setup(benchlib.device_kind(args.device))
+    dev = groups.device
+    vocab = 1000 if args.shape == "tiny" else 128256
+    model = benchlib.layer_model(args.shape, groups, "bf16" if dev.type == "cuda" else "fp32", layers=args.layers,
+                                 vocab=vocab)
+    bw = bandwidth(dev)
+    a = model.arch
+    kv_token = a.num_layers * 2 * a.num_kv_heads * a.head_dim * torch.finfo(model.dtype).bits // 8
+    weights = sum(p.numel() * p.element_size() for p in model.gpt.parameters())
+    memory = (args.memory_gib * 2 ** 30 if args.memory_gib else
+              torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 2 ** 40)
+    room = memory - weights - 8 * 2 ** 30  # activations, graphs, the allocator's slack
+    payload = dict(hardware=benchlib.hardware(), shape=args.shape, layers=args.layers, decode=args.decode,
+                   bandwidth_gbps=bw / 1e9, query_tokens=args.query, budgets=list(args.budgets), rows=[],
+                   workload=[])
+    cases = [(b, n, False) for n in map(int, args.shares.split(",")) for b in map(int, args.batches.split(","))]
+    ctx, batches = args.shared.split(":")
+    cases += [(b, int(ctx), True) for b in map(int, batches.split(","))]
+    for b, n, shared in cases:
+        need = (n * (1 if shared else b) + b * (args.query + max(args.budgets))) * kv_token
+        if need > room:
+            print(f"batch {b} x {n} tokens{' (shared)' if shared else ''}: {need / 2 ** 30:.0f} GiB of KV does not "
+                  "fit; skipped", flush=True)
+            continue
+        row = step_row(args, model, groups, b, n, shared, bw)
+        payload["rows"].append(row)
+        print(f"batch {b:3} x {n:7}{' shared' if shared else '       '}: {row['ms_per_step']:8.3f} ms/step, "
+              f"{row['tokens_per_s']:9.1f} tok/s, floor {row['floor_ms_per_step']:8.3f} ms", flush=True)
+        benchlib.write_json(args.out, payload, announce=False)
+    if args.workload:
+        for mb in (1, 16) if not args.smoke else (1, 3):
+            row = workload_row(args, model, groups, mb)
+            payload["workload"].append(row)
+            print(f"workload max_batch_size={mb}: {row['requests_per_s']:.3f} requests/s, "
+                  f"{row['generated_tokens_per_s']:.1f} generated tokens/s", flush=True)
+            benchlib.write_json(args.out, payload, announce=False)
+    benchlib.write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()
