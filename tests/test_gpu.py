@@ -209,24 +209,24 @@ def _near_math(got, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["block+anchor", "causal prefix", "query over local KV", "query host",
-                                  "decode token"])
+@pytest.mark.parametrize("case", ["block_over_anchor", "causal_prefix", "query_over_local_kv", "query_host",
+                                  "decode_token"])
 def test_te_matches_math_on_star_calls(dtype, case):
     """TransformerEngine's fused attention on the calls star makes, against the float32 math backend (out and
     LSE): phase 1's block over the anchor's keys and itself causally, a causal prefix; phase 2's partials (a
     32-token query over a long local KV, GQA folded; the query host's prefix + causal self; one decode token)."""
     te, ref = _kernel("te", dtype), resolve_backend("math", torch.device("cuda"), dtype)
-    if case == "block+anchor":
+    if case == "block_over_anchor":
         q, k, v = _gpu_qkv(32, 8, 2048, 2048 + 1024, dtype, seed=1)
         args = (q, k[:, :, :1024], v[:, :, :1024], k[:, :, 1024:], v[:, :, 1024:])
         _near_math(attend_prefix_causal(te, *args), attend_prefix_causal(ref, *args), dtype)
-    elif case == "causal prefix":
+    elif case == "causal_prefix":
         q, k, v = _gpu_qkv(32, 8, 4096, 4096, dtype, seed=2)
         _near_math(attend(te, q, k, v, causal=True), attend(ref, q, k, v, causal=True), dtype)
-    elif case == "query over local KV":
+    elif case == "query_over_local_kv":
         q, k, v = _gpu_qkv(32, 8, 32, 16384, dtype, seed=3)
         _near_math(attend(te, q, k, v), attend(ref, q, k, v), dtype)
-    elif case == "query host":
+    elif case == "query_host":
         q, k, v = _gpu_qkv(32, 8, 32, 8192 + 32, dtype, seed=4)
         args = (q, k[:, :, :8192], v[:, :, :8192], k[:, :, 8192:], v[:, :, 8192:])
         _near_math(attend_prefix_causal(te, *args), attend_prefix_causal(ref, *args), dtype)
