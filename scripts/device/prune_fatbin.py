@@ -8,8 +8,9 @@ The section ``.nv_fatbin`` holds one container per translation unit: a header (m
 header size, payload size) and entries (kind: 1 PTX, 2 ELF; header size; payload size; the architecture as
 an integer at byte 28 of the entry header). Each container keeps its start address (the registration records
 in ``.nvFatBinSegment`` point there); its kept entries are moved to its front, its payload size is lowered,
-and the bytes after them are zeroed (never read, and they compress to nothing). That is the container nvcc
-writes for those architectures alone. A container with no entry for the kept architectures is refused.
+and the bytes after them are zeroed (never read, and they compress to nothing): a container holding only
+those architectures' code. A container with no entry for the kept architectures is refused. On the H200 the
+pruned library (2.20.2, 89 containers, sm_90 kept) ran every TE test and benchmark of docs/performance.md.
 
     python3 prune_fatbin.py LIB.so 90 [ARCH ...]
 """
