@@ -25,10 +25,15 @@ from collections import Counter
 MAGIC = 0xBA55ED50
 
 
+def fail(message: str) -> None:
+    print(f"prune_fatbin: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def nv_fatbin_section(buf) -> tuple[int, int]:
     """(offset, size) of ``.nv_fatbin`` in an ELF64 little-endian file."""
     if buf[:4] != b"\x7fELF" or buf[4] != 2 or buf[5] != 1:
-        raise SystemExit("prune_fatbin: error: not a 64-bit little-endian ELF file")
+        fail("not a 64-bit little-endian ELF file")
     shoff = struct.unpack_from("<Q", buf, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", buf, 0x3A)
     headers = [struct.unpack_from("<IIQQQQ", buf, shoff + i * shentsize) for i in range(shnum)]
@@ -37,7 +42,7 @@ def nv_fatbin_section(buf) -> tuple[int, int]:
         start = names + name
         if bytes(buf[start:buf.find(b"\0", start)]) == b".nv_fatbin":
             return offset, size
-    raise SystemExit("prune_fatbin: error: the file has no .nv_fatbin section")
+    fail("the file has no .nv_fatbin section")
 
 
 def prune(path: str, keep: set[int]) -> Counter:
@@ -60,7 +65,7 @@ def prune(path: str, keep: set[int]) -> Counter:
                 q += entry_header + entry_payload
             kept = b"".join(bytes(buf[s:s + n]) for s, n, k in entries if k)
             if not kept:
-                raise SystemExit(f"prune_fatbin: error: the container at {pos:#x} has no code for {sorted(keep)}")
+                fail(f"the container at {pos:#x} has no code for {sorted(keep)}")
             body = pos + header_size
             buf[body:stop] = kept + bytes(stop - body - len(kept))
             struct.pack_into("<Q", buf, pos + 8, len(kept))
@@ -71,7 +76,7 @@ def prune(path: str, keep: set[int]) -> Counter:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or not all(a.isdigit() for a in argv[1:]):
-        raise SystemExit("usage: prune_fatbin.py LIB.so ARCH [ARCH ...]   (ARCH as an integer: 90 for sm_90)")
+        fail("usage: prune_fatbin.py LIB.so ARCH [ARCH ...]   (ARCH as an integer: 90 for sm_90)")
     seen = prune(argv[0], {int(a) for a in argv[1:]})
     for (kind, arch, kept), n in sorted(seen.items()):
         print(f"{'kept' if kept else 'dropped'} {'PTX' if kind == 1 else 'ELF'} sm_{arch}: {n / 1e6:.1f} MB")
