@@ -9,6 +9,8 @@ engine's own (``Engine.generate``, a batch of one). Per-token cost is the slope 
 costs (the first decode step, the graph capture) are reported apart, as ``overhead_s``.
 
     python scripts/bench_decode_floor.py --out docs/bench/decode_floor.json [--hf llama3.1-8b]
+    python scripts/bench_decode_floor.py --out docs/bench/decode_te.json --cases llama3.1-8b:32:32768 \
+        --loops graph --transformer-impls local,transformer_engine --profile    # TE's fused layers beside mcore's
     python scripts/bench_decode_floor.py --smoke --out /tmp/x.json          # CPU check of the script
 """
 
@@ -161,7 +163,10 @@ def main() -> None:
     ap.add_argument("--eager-budgets", default="4,12", help="the same for the (slow) eager loop")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf", default="", help="shapes to also run in HF transformers (static cache + torch.compile)")
-    ap.add_argument("--profile", action="store_true", help="kernel breakdown of the static step (first case)")
+    ap.add_argument("--transformer-impls", default="local",
+                    help="model.transformer_impl values, comma separated: local, transformer_engine")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel breakdown of the static step (first case of each transformer_impl)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
@@ -179,19 +184,19 @@ def main() -> None:
                "query_tokens": args.query, "rows": []}
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     built, model = None, None
-    for case in args.cases.split(","):
+    for impl, case in ((i, c) for i in args.transformer_impls.split(",") for c in args.cases.split(",")):
         shape, layers, context = case.split(":")
         layers, context = int(layers), int(context)
         vocab = 1000 if shape == "tiny" else 128256
-        if built != (shape, layers):
+        if built != (impl, shape, layers):
             model = None
             model = benchlib.layer_model(shape, groups, "bf16" if dev.type == "cuda" else "fp32", layers=layers,
-                                         vocab=vocab)
-            built = (shape, layers)
+                                         vocab=vocab, transformer_impl=impl)
+            built = (impl, shape, layers)
         for kv_share in (context, context // args.hosts):
             r = engine_rows(args, model, groups, kv_share)
             floor = step_bytes(model, kv_share) / bw * 1e3
-            row = dict(shape=shape, layers=layers, context=context, kv_share=kv_share,
+            row = dict(shape=shape, layers=layers, context=context, kv_share=kv_share, transformer_impl=impl,
                        decode_ms_per_token=round(r[args.loops[0]]["ms_per_token"], 4),
                        floor_ms_per_token=round(floor, 4),
                        eager_ms_per_token=round(r["eager"]["ms_per_token"], 4) if "eager" in r else None,
@@ -207,16 +212,17 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - HF is a comparison: its failure must not lose the row
                     row["hf_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     torch.cuda.empty_cache()
-                model = benchlib.layer_model(shape, groups, "bf16", layers=layers, vocab=vocab)
-            if args.profile and not payload["rows"]:
+                model = benchlib.layer_model(shape, groups, "bf16", layers=layers, vocab=vocab, transformer_impl=impl)
+            if args.profile and not any(r["transformer_impl"] == impl for r in payload["rows"]):
                 row["profile"] = profile_static_step(args, model, groups, kv_share)
                 print(f"static step: {row['profile']['busy_ms_per_step']} ms of kernels, "
                       f"{row['profile']['kernels_per_step']} kernels", flush=True)
                 for k in row["profile"]["top"][:14]:
                     print(f"  {k['ms_per_step']:8.4f} ms  x{k['per_step']:6.1f}  {k['kernel']}", flush=True)
             payload["rows"].append(row)
-            print(f"{shape} x{layers} ctx={context} kv_share={kv_share}: decode {row['decode_ms_per_token']:.2f} "
-                  f"ms/token (floor {row['floor_ms_per_token']:.2f}, eager {row['eager_ms_per_token']}, "
+            print(f"{impl} {shape} x{layers} ctx={context} kv_share={kv_share}: "
+                  f"decode {row['decode_ms_per_token']:.2f} ms/token (floor {row['floor_ms_per_token']:.2f}, "
+                  f"eager {row['eager_ms_per_token']}, "
                   f"HF compiled {row.get('hf_static_compiled_ms_per_token')}), first token "
                   f"{row['first_token_s'] * 1e3:.1f} ms", flush=True)
             benchlib.write_json(args.out, payload, announce=False)

@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="4096,16384,32768,65536")
     ap.add_argument("--heads", default="32,8", help="query heads, KV heads (Llama-3.1-8B per GPU at TP=1)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma separated; those that cannot run are skipped")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -36,7 +37,7 @@ def main() -> None:
     gpu = benchlib.hardware().get("gpu", "cpu")
     peak = next((v for k, v in benchlib.BF16_PEAK_TFLOPS.items() if k in gpu), None)
     results = {"hardware": benchlib.hardware(), "bf16_peak_tflops": peak, "rows": []}
-    for name in BACKENDS:
+    for name in args.backends.split(","):
         try:
             fn = resolve_backend(name, dev, dtype)
         except ValueError as e:  # not on this device, or its library is not installed

@@ -43,14 +43,15 @@ def setup(device_kind: str) -> ParallelGroups:
 
 
 def layer_model(shape: str, groups: ParallelGroups, precision: str = "bf16", seed: int = 0, layers: int = 1,
-                vocab: int = 32000) -> StarLlama:
+                vocab: int = 32000, transformer_impl: str = "local") -> StarLlama:
     """``layers`` decoder layers (default one: per-layer figures scale with the layer count) of ``shape``
-    with random weights; under TP each rank draws its own shards from ``seed``."""
+    with random weights (mcore's local layers or TransformerEngine's); under TP each rank draws its own
+    shards from ``seed``."""
     s = SHAPES[shape]
     arch = LlamaArch(vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                      num_layers=layers, num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"],
                      head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1 << 21)
-    model = StarLlama(arch, groups, precision)
+    model = StarLlama(arch, groups, precision, transformer_impl)
     g = torch.Generator(device=groups.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.gpt.named_parameters():

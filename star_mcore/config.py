@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 MODES = ("star", "ring", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ACCELERATORS = ("cpu", "gpu")
 ANCHOR_MODES = ("shared", "recompute")
 PARTITIONS = ("uniform", "balanced")
@@ -32,6 +33,8 @@ class ModelConfig:
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1  # number of star hosts
     precision: str = "bf16"  # fp32 | bf16 | fp16
+    # megatron-core's layer: local (torch RMSNorm, mcore linears) | transformer_engine (TE's fused RMSNorm + linear)
+    transformer_impl: str = "local"
 
 
 @dataclass
@@ -145,8 +148,13 @@ def validate(cfg: RunConfig) -> None:
     need(inf.partition in PARTITIONS,
          f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
     need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
+    need(m.transformer_impl in TRANSFORMER_IMPLS,
+         f"model.transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {m.transformer_impl!r}")
     need(cfg.trainer.accelerator in ACCELERATORS,
          f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.trainer.accelerator!r}")
+    need(m.transformer_impl != "transformer_engine" or cfg.trainer.accelerator == "gpu",
+         "model.transformer_impl=transformer_engine runs on GPUs only (TransformerEngine's layers): "
+         "use model.transformer_impl=local with trainer.accelerator=cpu")
     need(inf.decode in DECODE_LOOPS, f"inference.decode must be one of {', '.join(DECODE_LOOPS)}, got {inf.decode!r}")
     need(inf.attention_backend in ATTENTION_BACKENDS,
          f"inference.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {inf.attention_backend!r}")

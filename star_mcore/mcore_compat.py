@@ -5,7 +5,8 @@ Python 3.12; 0.17 and later need Python >= 3.12).
 Start-up notices. On first import mcore says that Transformer Engine and Apex are missing and which fallbacks
 (optimizers, fused multi-tensor ops, norms) it will use instead; 0.19 adds that ``absl`` is missing and, on a
 machine without CUDA, torch logs where it looked for the CUDA runtime. None of it concerns this project: it
-supplies its own core attention and RoPE, and uses no optimizer, fusion or TE module. Those messages, and only
+supplies its own core attention and RoPE, and uses no optimizer or fusion, and TE's modules only where
+``model.transformer_impl`` asks for mcore's TE layer spec (which needs TE installed). Those messages, and only
 those, are dropped while the imports below run. Other warnings pass.
 
 Differences between releases:
@@ -57,7 +58,8 @@ with warnings.catch_warnings(), _without_log_record("torch.utils.cpp_extension",
         warnings.filterwarnings("ignore", message=_message, category=UserWarning)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -79,4 +81,5 @@ def make_gpt_model(**kwargs: Any) -> GPTModel:
 
 
 __all__ = ["GPTModel", "MegatronModule", "ModuleSpec", "ProcessGroupCollection", "TransformerConfig",
-           "get_gpt_layer_local_spec", "make_gpt_model", "make_transformer_config", "parallel_state"]
+           "get_gpt_layer_local_spec", "get_gpt_layer_with_transformer_engine_spec", "make_gpt_model",
+           "make_transformer_config", "parallel_state"]

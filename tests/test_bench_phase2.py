@@ -28,7 +28,7 @@ def test_decode_floor_smoke(tmp_path):
         assert set(r["loops"]) == {"graph", "eager"}
         assert r["loops"]["graph"]["graph_used"] is False  # CPU: the static step without a graph
         assert r["decode_ms_per_token"] == round(r["loops"]["graph"]["ms_per_token"], 4)
-        assert r["step_bytes"] > 0 and r["first_token_s"] > 0
+        assert r["step_bytes"] > 0 and r["first_token_s"] > 0 and r["transformer_impl"] == "local"
 
 
 def test_context_reuse_smoke(tmp_path):

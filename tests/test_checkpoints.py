@@ -90,3 +90,30 @@ def test_each_checkpoint_file_is_unmapped_once_read(gqa_ckpt, tmp_path):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     seen = run_world(1, mapped_files_during_load, str(tmp_path))[0]
     assert max(seen["during"]) == 1 and seen["after"] == 0, seen
+
+
+def test_te_layer_names_its_norms_as_mcore_maps_the_local_ones():
+    """The loader fills TE's fused norms under the names mcore itself maps the local layer's norms to (the
+    local spec's sharded_state_dict_keys_map, the installed release's)."""
+    from star_mcore.mcore_compat import get_gpt_layer_local_spec
+    from star_mcore.model.llama import LAYER_NORMS
+
+    keys = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    local = LAYER_NORMS["local"]
+    assert LAYER_NORMS["transformer_engine"] == tuple(keys[n.split(".")[0] + "."] + "weight" for n in local)
+
+
+def test_te_layers_are_refused_in_one_line_where_te_does_not_import(monkeypatch):
+    import sys
+
+    from star_mcore.errors import RunError
+    from star_mcore.model.core_attention import AttentionRuntime
+    from star_mcore.model.llama import star_layer_spec
+
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # import fails, whatever is installed
+    with pytest.raises(RunError, match=r"^model.transformer_impl=transformer_engine needs TransformerEngine 2.x "
+                       r"\(transformer_engine.pytorch\), which does not import here: ") as e:
+        star_layer_spec(AttentionRuntime(2), "transformer_engine")
+    assert "\n" not in str(e.value)
+    spec = star_layer_spec(AttentionRuntime(2), "local")  # the local layer needs nothing of TE
+    assert spec.submodules.self_attention.submodules.core_attention.keywords["runtime"].num_layers == 2

@@ -114,6 +114,7 @@ def test_ring_and_none_match_hf_through_the_cli(outputs, requests_file, gqa_ckpt
     (["model.context_parallel_size=4"], "world size 1 != tensor_model_parallel_size (1) x context_parallel_size (4)"),
     (["model.tensor_model_parallel_size=3", "model.context_parallel_size=1"], "world size 1 != "),
     (["inference.apply_chat_template=true", "model.context_parallel_size=1"], "has no chat template"),
+    (["model.transformer_impl=transformer_engine"], "use model.transformer_impl=local with trainer.accelerator=cpu"),
 ])
 def test_bad_runs_fail_with_one_clear_line(gqa_ckpt, requests_file, tmp_path, args, message):
     base = [f"checkpoint.hf_path={gqa_ckpt}", f"inference.input_path={requests_file}",

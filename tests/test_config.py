@@ -28,6 +28,9 @@ def test_yaml_plus_overrides():
     (["inference.context_parallel_mode=tree"],
      "inference.context_parallel_mode must be one of star, ring, none, got 'tree'"),
     (["model.precision=fp8"], "model.precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    (["model.transformer_impl=te"], "model.transformer_impl must be one of local, transformer_engine, got 'te'"),
+    (["model.transformer_impl=transformer_engine"],  # demo_cpu.yaml: trainer.accelerator=cpu
+     "model.transformer_impl=transformer_engine runs on GPUs only (TransformerEngine's layers)"),
     (["inference.context_parallel_mode=none"], "set model.context_parallel_size=1 (got 4)"),
     (["inference.tokens_to_generate=0"], "inference.tokens_to_generate must be >= 1"),
     (["inference.blok_size=5"], "inference.blok_size"),

@@ -99,19 +99,18 @@ def _fa4_module(with_return_lse=True):
     return types.SimpleNamespace(flash_attn_func=flash_attn_func if with_return_lse else flash_attn_func_old)
 
 
-def _te_module(version=2):
-    """transformer_engine 2.9, pytorch/cpp_extensions/fused_attn.py: fused_attn_fwd. TE reads q, k, v by
-    pointer (contiguous), takes the batch size from cu_seqlens; 'causal' is the top-left diagonal; with
-    is_training the aux tensors are [softmax stats [b, h, sq, 1], rng_state], else None. TE 1.x took
-    qkv_dtype (a tex.DType) where 2.x takes fake_dtype."""
+def _te_module(release="2.20"):
+    """transformer_engine, pytorch/cpp_extensions/fused_attn.py: fused_attn_fwd. TE reads q, k, v by pointer
+    (contiguous), takes the batch size from cu_seqlens; 'causal' is the top-left diagonal; with is_training the
+    aux tensors are [softmax stats [b, h, sq, 1], rng_state], else None. ``2.20`` (2.20.2): out's layout is
+    ``o_format``, sbhd by default whatever the inputs' (read in 2.20.2's source); no max512 backend. ``2.9``: out in
+    q's layout. ``1.x`` took qkv_dtype (a tex.DType) where 2.x takes fake_dtype."""
     backends = {"F16_max512_seqlen": 0, "F16_arbitrary_seqlen": 1, "FP8": 2, "No_Backend": 3}
+    if release == "2.20":
+        backends = {"No_Backend": -1, "F16_arbitrary_seqlen": 1, "FP8": 2}
 
-    def fused_attn_fwd(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, fake_dtype,
-                       fused_attention_backend, attn_bias=None, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None,
-                       page_table_k=None, page_table_v=None, s_quantizer=None, o_quantizer=None, attn_scale=None,
-                       dropout=0.0, fast_zero_fill=True, qkv_layout="sbh3d", attn_bias_type="no_bias",
-                       attn_mask_type="padding", softmax_type="vanilla", window_size=(-1, -1), rng_gen=None,
-                       softmax_offset=None, return_max_logit=False):
+    def fwd(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, fake_dtype,
+            fused_attention_backend, attn_scale, dropout, qkv_layout, attn_bias_type, attn_mask_type):
         assert all(x.is_contiguous() for x in (q, k, v)), "TE ignores strides"
         assert qkv_layout == "bshd_bshd_bshd" and attn_bias_type == "no_bias" and dropout == 0.0
         assert fused_attention_backend == backends["F16_arbitrary_seqlen"] and fake_dtype == q.dtype
@@ -123,13 +122,35 @@ def _te_module(version=2):
         out, lse = _softmax_bshd(q, k, v, attn_scale, attn_mask_type == "causal", bottom_right=False)
         return out, ([lse[..., None], torch.zeros(2, dtype=torch.int64)] if is_training else None)
 
+    def fused_attn_fwd_2_20(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v,
+                            fake_dtype, fused_attention_backend, attn_bias=None, cu_seqlens_q_padded=None,
+                            cu_seqlens_kv_padded=None, page_table_k=None, page_table_v=None, s_quantizer=None,
+                            o_quantizer=None, attn_scale=None, dropout=0.0, fast_zero_fill=True, qkv_layout="sbh3d",
+                            o_format="sbhd", qkv_scale_inv_format=None, attn_bias_type="no_bias",
+                            attn_mask_type="padding", softmax_type="vanilla", window_size=(-1, -1),
+                            bottom_right_diagonal=None, rng_gen=None, softmax_offset=None, return_max_logit=False,
+                            cuda_graph=False):
+        out, aux = fwd(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, fake_dtype,
+                       fused_attention_backend, attn_scale, dropout, qkv_layout, attn_bias_type, attn_mask_type)
+        assert o_format in ("bshd", "sbhd")
+        return (out if o_format == "bshd" else out.transpose(0, 1).contiguous()), aux
+
+    def fused_attn_fwd_2_9(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v,
+                           fake_dtype, fused_attention_backend, attn_bias=None, cu_seqlens_q_padded=None,
+                           cu_seqlens_kv_padded=None, page_table_k=None, page_table_v=None, s_quantizer=None,
+                           o_quantizer=None, attn_scale=None, dropout=0.0, fast_zero_fill=True, qkv_layout="sbh3d",
+                           attn_bias_type="no_bias", attn_mask_type="padding", softmax_type="vanilla",
+                           window_size=(-1, -1), rng_gen=None, softmax_offset=None, return_max_logit=False):
+        return fwd(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, fake_dtype,
+                   fused_attention_backend, attn_scale, dropout, qkv_layout, attn_bias_type, attn_mask_type)
+
     def fused_attn_fwd_1x(is_training, max_seqlen_q, max_seqlen_kv, cu_seqlens_q, cu_seqlens_kv, q, k, v, qkv_dtype,
                           fused_attention_backend, attn_bias=None, attn_scale=None, dropout=0.0, fast_zero_fill=True,
                           qkv_layout="sbh3d", attn_bias_type="no_bias", attn_mask_type="padding"):
         raise AssertionError("TE 1.x is refused before any call")
 
-    return types.SimpleNamespace(FusedAttnBackend=backends,
-                                 fused_attn_fwd=fused_attn_fwd if version == 2 else fused_attn_fwd_1x)
+    calls = {"2.20": fused_attn_fwd_2_20, "2.9": fused_attn_fwd_2_9, "1.x": fused_attn_fwd_1x}
+    return types.SimpleNamespace(FusedAttnBackend=backends, fused_attn_fwd=calls[release])
 
 
 STAND_INS = {
@@ -138,7 +159,8 @@ STAND_INS = {
     "flash_attn3 2.8.0": ("flash_attn_interface", lambda: _fa3_module("2.8.0")),
     "flash_attn3 2.8.3": ("flash_attn_interface", lambda: _fa3_module("2.8.3")),
     "flash_attn4": ("flash_attn.cute", _fa4_module),
-    "te": ("transformer_engine.pytorch.cpp_extensions.fused_attn", _te_module),
+    "te 2.20": ("transformer_engine.pytorch.cpp_extensions.fused_attn", _te_module),
+    "te 2.9": ("transformer_engine.pytorch.cpp_extensions.fused_attn", lambda: _te_module("2.9")),
 }
 
 
@@ -211,7 +233,7 @@ def test_versions_without_the_lse_call_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn.cute", _fa4_module(with_return_lse=False))
     with pytest.raises(ValueError, match="no return_lse"):
         resolve_backend("flash_attn4", CUDA, torch.bfloat16)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.cpp_extensions.fused_attn", _te_module(version=1))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.cpp_extensions.fused_attn", _te_module("1.x"))
     with pytest.raises(ValueError, match="needs transformer-engine 2.x"):
         resolve_backend("te", CUDA, torch.bfloat16)
 

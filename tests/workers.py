@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_e2e import star_phase2_error  # noqa: E402
 
 
-def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32", accelerator: str = "cpu"):
+def _setup(ckpt: str, tp: int, cp: int, precision: str = "fp32", accelerator: str = "cpu",
+           transformer_impl: str = "local"):
     device = init_process_group(accelerator, 120)
     groups = initialize_parallel(tp, cp, device, 120)
-    model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, precision)
+    model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, precision, transformer_impl)
     load_hf_llama(model, ckpt, groups.tp_rank, tp)
     return groups, model
 
@@ -88,14 +89,15 @@ def mapped_files_during_load(ckpt: str) -> dict:
 
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
-            kv_pairs: List[dict] = (), accelerator: str = "cpu") -> dict:
+            kv_pairs: List[dict] = (), accelerator: str = "cpu", transformer_impl: str = "local") -> dict:
     """Everything one world checks, with one model load:
     - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step
       logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
-    - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`."""
-    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
+    - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`.
+    ``transformer_impl``: mcore's local layers or TransformerEngine's (GPU only)."""
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator, transformer_impl)
     res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {},
                            "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()}),
                            # every tensor the model holds, each once (tied embeddings: one tensor, two uses)

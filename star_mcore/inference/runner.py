@@ -79,7 +79,7 @@ def open_session(cfg: RunConfig, arch: LlamaArch, tokenizer: Optional[Tokenizer]
         device = init_process_group(cfg.trainer.accelerator, cfg.distributed.timeout_s)
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
-        model = StarLlama(arch, groups, cfg.model.precision)
+        model = StarLlama(arch, groups, cfg.model.precision, cfg.model.transformer_impl)
         load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, inf, arch.eos_token_ids)
         tokenizer = tokenizer or Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template)

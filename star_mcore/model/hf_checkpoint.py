@@ -112,8 +112,9 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
     c0, c1 = _shard(a.num_heads * hd, tp_rank, tp)
     for i in range(a.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        put(dst + "input_layernorm.weight", reader.read(src + "input_layernorm.weight"))
-        put(dst + "pre_mlp_layernorm.weight", reader.read(src + "post_attention_layernorm.weight"))
+        attn_norm, mlp_norm = model.layer_norm_names  # modules of their own, or fused into TE's linears
+        put(dst + attn_norm, reader.read(src + "input_layernorm.weight"))
+        put(dst + mlp_norm, reader.read(src + "post_attention_layernorm.weight"))
         # mcore's fused QKV is grouped: for each KV group, its query heads, then its K head, then its V head.
         name, n = dst + "self_attention.linear_qkv.weight", g1 - g0
         qkv = target(name).view(n, (qpg + 2) * hd, -1)

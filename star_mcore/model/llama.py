@@ -1,16 +1,19 @@
-"""A Megatron-core GPTModel for Llama whose core attention is :class:`StarCoreAttention`."""
+"""A Megatron-core GPTModel for Llama whose core attention is :class:`StarCoreAttention`, on mcore's local layer
+(torch RMSNorm and mcore's linears) or its TransformerEngine layer (TE's fused RMSNorm + linear)."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..mcore_compat import (ModuleSpec, TransformerConfig, get_gpt_layer_local_spec, make_gpt_model,
-                            make_transformer_config)
+from ..errors import RunError
+from ..mcore_compat import (ModuleSpec, TransformerConfig, get_gpt_layer_local_spec,
+                            get_gpt_layer_with_transformer_engine_spec, make_gpt_model, make_transformer_config)
 from ..ops.rope import inv_frequencies, rope_cos_sin
 from ..parallel.groups import ParallelGroups
 from ..parallel.tensor_parallel import gather_vocab_shards
@@ -20,10 +23,33 @@ from .core_attention import AttentionRuntime, AttentionStep, StarCoreAttention
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Each layer's two RMSNorm weights, as mcore names them under ``decoder.layers.N.``: modules of their own in the
+# local layer; in the TE layer, fused into the linear each norm feeds (mcore maps the one to the other in the
+# local spec's ``sharded_state_dict_keys_map``).
+LAYER_NORMS = {
+    "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
+    "transformer_engine": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
+}
 
-def star_layer_spec(runtime: AttentionRuntime) -> ModuleSpec:
-    """mcore's local Llama layer (RMSNorm, SwiGLU, no biases) with this project's core attention."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+
+def _require_transformer_engine() -> None:
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except ImportError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError("model.transformer_impl=transformer_engine needs TransformerEngine 2.x "
+                       f"(transformer_engine.pytorch), which does not import here: {reason}") from None
+
+
+def star_layer_spec(runtime: AttentionRuntime, transformer_impl: str = "local") -> ModuleSpec:
+    """mcore's Llama layer (RMSNorm, SwiGLU, no biases) with this project's core attention: the local layer, or
+    the TE layer (``transformer_engine``: the norms fused into TE's LayerNormLinear before QKV and fc1; a
+    one-line RunError where TE does not import). The RMSNorm comes from the config's ``normalization``."""
+    if transformer_impl == "transformer_engine":
+        _require_transformer_engine()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = functools.partial(StarCoreAttention, runtime=runtime)
     return spec
 
@@ -68,7 +94,8 @@ class StarLlama:
     output layer; the engine asks for logits only where it needs them.
     """
 
-    def __init__(self, arch: LlamaArch, groups: ParallelGroups, precision: str) -> None:
+    def __init__(self, arch: LlamaArch, groups: ParallelGroups, precision: str,
+                 transformer_impl: str = "local") -> None:
         tp = groups.tp.size()
         if arch.num_kv_heads % tp or arch.num_heads % tp:
             raise ValueError(f"tensor_model_parallel_size={tp} must divide the model's {arch.num_heads} "
@@ -78,10 +105,12 @@ class StarLlama:
         self.device = groups.device
         self.tp = groups.tp
         self.runtime = AttentionRuntime(arch.num_layers)
+        self.layer_norm_names = LAYER_NORMS[transformer_impl]
+        layer_spec = star_layer_spec(self.runtime, transformer_impl)
         config = transformer_config(arch, tp, groups.cp_size, self.dtype, on_cpu=self.device.type == "cpu")
         self.gpt = make_gpt_model(
             config=config,
-            transformer_layer_spec=star_layer_spec(self.runtime),
+            transformer_layer_spec=layer_spec,
             vocab_size=padded_vocab_size(arch.vocab_size, tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=True,

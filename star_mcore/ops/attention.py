@@ -124,7 +124,8 @@ class AutoCuda:
 # Each list: the first backend whose library imports, on a GPU of one of the listed compute capabilities
 # (None: any), is taken. Measured on H100 (docs/performance.md): FA4 runs phase-1 blocks 5-20% faster than
 # cuDNN, but has no split-KV on SM90, so it is no decode kernel there; FA3 (FlashAttention's Hopper kernels,
-# with split-KV) is preferred by its published figures, not measured here.
+# with split-KV) is preferred by its published figures, not measured here. TransformerEngine (cuDNN's same
+# kernels, measured on H200) runs phase-1 blocks 0-7% slower than sdpa_cudnn: not listed.
 AUTO_BLOCKS = [("flash_attn4", {(9, 0)}), ("flash_attn3", {(9, 0)}), ("sdpa_cudnn", None)]
 AUTO_DECODE = [("flash_attn3", {(9, 0)}), ("sdpa_flash", None)]
 

@@ -81,25 +81,24 @@ def flash_attn4_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fal
 
 def te_fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                        scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """TransformerEngine's cuDNN fused attention, through ``fused_attn_fwd`` with the F16 arbitrary-seqlen
-    backend and the bshd layout. TE reads q, k, v by pointer as contiguous tensors, so they are copied to
-    [b, s, h, d]; the batch size comes from cu_seqlens (every sequence full). The softmax stats (the LSE,
-    [b, h, sq, 1]) are the first aux tensor, produced only with ``is_training=True``: no dropout, so the
-    result is the same."""
+    """TransformerEngine's cuDNN fused attention, through ``fused_attn_fwd`` (``cpp_extensions``: TE's public
+    modules return no LSE) with the F16 arbitrary-seqlen backend and the bshd layout. TE reads q, k, v by
+    pointer as contiguous tensors, so they are copied to [b, s, h, d]; the batch size comes from cu_seqlens
+    (every sequence full). Releases that take ``o_format`` (2.20) write out in that layout, sbhd unless told;
+    earlier 2.x releases in q's. The softmax stats (the LSE, [b, h, sq, 1]) are the first aux tensor, produced
+    only with ``is_training=True``: no dropout, so the result is the same."""
     te = importlib.import_module("transformer_engine.pytorch.cpp_extensions.fused_attn")
     b, _, sq, _ = q.shape
     sk = k.shape[2]
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
     cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
     q, k, v = (_bshd(x).contiguous() for x in (q, k, v))
+    layout = {"o_format": "bshd"} if _accepts(te.fused_attn_fwd, "o_format") else {}
     out, aux = te.fused_attn_fwd(True, sq, sk, cu_q, cu_k, q, k, v, q.dtype,
                                  te.FusedAttnBackend["F16_arbitrary_seqlen"], attn_scale=scale, dropout=0.0,
                                  qkv_layout="bshd_bshd_bshd", attn_bias_type="no_bias",
-                                 attn_mask_type="causal" if causal else "no_mask")
-    stats = aux[0]
-    if stats.shape[-1] != 1:  # [b, h, sq, sk]: TE ran its max512 kernel (forced by NVTE_FUSED_ATTN_BACKEND)
-        raise RuntimeError(f"TransformerEngine returned no softmax stats (aux tensor {tuple(stats.shape)})")
-    return out.transpose(1, 2), stats[..., 0]
+                                 attn_mask_type="causal" if causal else "no_mask", **layout)
+    return out.transpose(1, 2), aux[0][..., 0]
 
 
 def require_library(name: str) -> None:
