@@ -213,15 +213,17 @@ def _outcome(out) -> dict:
 
 
 def batch_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], jobs: List[dict], loops=("eager", "static"),
-                   max_batch: int = 3, page: int = 4, poison_step_of: Optional[str] = None) -> dict:
+                   max_batch: int = 3, page: int = 4, poison_step_of: Optional[str] = None, precision: str = "fp32",
+                   accelerator: str = "cpu") -> dict:
     """For each variant ({name, mode, block, anchor}) and decode loop: ``jobs`` ({tag, ctx, qry, n, sampling
     fields}) run through one ContinuousBatch of ``max_batch`` slots, and each alone (Engine.generate): tokens,
     finish reasons, first-step logits (query host), log-probs, context_reused, errors; and how many steps ran.
     ``poison_step_of``: afterwards, the first generated token of that job gets an inf embedding (its first decode
-    step then fails; the test checks no other job feeds it) and the batch runs again."""
+    step then fails; the test checks no other job feeds it) and the batch runs again. ``captures``/``replays``:
+    the graph loop's counts after the batch, and after the alone runs on the same engine."""
     from star_mcore.inference.batch import ContinuousBatch
 
-    groups, model = _setup(ckpt, tp, cp)
+    groups, model = _setup(ckpt, tp, cp, precision, accelerator)
     res: Dict[str, Any] = {}
     try:
         for v in variants:
@@ -231,6 +233,7 @@ def batch_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], jobs: List
                     max_batch_size=max_batch, kv_page_size=page), v.get("eos", ()))
                 out: Dict[str, Any] = {}
                 ContinuousBatch(eng).run([_job(j) for j in jobs], lambda j, o: out.__setitem__(j.tag, _outcome(o)))
+                captures, replays = getattr(eng.decoder, "captures", 0), getattr(eng.decoder, "replays", 0)
                 alone = {}
                 for j in jobs:
                     try:
@@ -239,7 +242,9 @@ def batch_vs_alone(ckpt: str, tp: int, cp: int, variants: List[dict], jobs: List
                     except NumericalError as e:
                         alone[j["tag"]] = _outcome(e)
                 res[f"{v['name']}/{loop}"] = {"batch": out, "alone": alone,
-                                              "free": eng.pool.free_pages == eng.pool.pages - 1}
+                                              "free": eng.pool.free_pages == eng.pool.pages - 1,
+                                              "captures": [captures, getattr(eng.decoder, "captures", 0)],
+                                              "replays": [replays, getattr(eng.decoder, "replays", 0)]}
         if poison_step_of is not None:
             first = res[f"{variants[0]['name']}/{loops[0]}"]["batch"][poison_step_of]["tokens"][0]
             with torch.no_grad():
