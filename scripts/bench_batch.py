@@ -14,6 +14,7 @@ the per-step time is the slope between two budgets, so admission, query passes a
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -72,10 +73,16 @@ def step_row(args, model, groups, batch: int, kv_share: int, shared: bool, bw: f
                tokens_per_s=batch / per_step, floor_ms_per_step=floor_s * 1e3,
                x_floor=per_step / floor_s if floor_s == floor_s else None,
                graph_captures=getattr(engine.decoder, "captures", 0))
-    engine.pool = None
-    if groups.device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(engine)
     return row
+
+
+def _free(engine: Engine) -> None:
+    """Give the engine's pool and graphs back before the next row allocates its own."""
+    engine.pool = engine.decoder = engine.prefill = None
+    gc.collect()
+    if engine.groups.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def workload_row(args, model, groups, max_batch: int) -> dict:
@@ -97,9 +104,7 @@ def workload_row(args, model, groups, max_batch: int) -> dict:
     new = sum(j.sampling.tokens_to_generate for j in jobs)
     row = dict(max_batch_size=max_batch, requests=len(jobs), seconds=seconds, requests_per_s=len(jobs) / seconds,
                generated_tokens_per_s=new / seconds)
-    engine.pool = None
-    if groups.device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(engine)
     return row
 
 

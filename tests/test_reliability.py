@@ -85,8 +85,9 @@ def test_killed_rank_makes_every_other_rank_exit_naming_it(gqa_ckpt, tmp_path):
 def test_raising_rank_makes_every_other_rank_exit_naming_it(gqa_ckpt, tmp_path):
     req, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
     _requests(req, 6, 120)
-    procs = _launch_ranks(4, _args(gqa_ckpt, req, out, ["model.context_parallel_size=4"]), tmp_path,
-                          {"FAULT_RANK": "2", "FAULT_AT": "2"})
+    # one request at a time, so that r0 is finished when r1's query pass fails
+    procs = _launch_ranks(4, _args(gqa_ckpt, req, out, ["model.context_parallel_size=4", "inference.max_batch_size=1"]),
+                          tmp_path, {"FAULT_RANK": "2", "FAULT_AT": "2"})
     codes = _wait_all(procs, timeout=120)
     assert all(c not in (0, None) for c in codes), codes
     assert "rank 2: RuntimeError: injected fault" in (tmp_path / "rank2.err").read_text()

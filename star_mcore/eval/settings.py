@@ -9,8 +9,9 @@ from typing import Any, Dict
 from ..config import InferenceConfig, RunConfig
 
 # inference keys that do not change what is generated
-_NOT_SETTING = ("input_path", "output_path", "save_logits", "tokens_to_generate", "attention_backend")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(InferenceConfig) if f.name not in _NOT_SETTING}
+_NOT_SETTING = ("input_path", "output_path", "save_logits", "tokens_to_generate", "attention_backend",
+                "max_batch_size", "kv_page_size")
+_DEFAULTS = {k: v for k, v in dataclasses.asdict(InferenceConfig()).items() if k not in _NOT_SETTING}
 
 
 def setting_of(cfg: RunConfig) -> Dict[str, Any]:

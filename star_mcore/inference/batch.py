@@ -10,6 +10,7 @@ from the mode's shares, the same on every rank) and the verdicts the query host 
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -25,6 +26,7 @@ from .verdict import Choice, NumericalError
 
 Tensor = torch.Tensor
 Outcome = Union[Generation, RequestError]
+_ADMISSIONS = itertools.count()
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Running:
     reused: bool
     phase1_s: float
     t_query: float  # when its phase 2 started
+    number: int  # its admission's number (unique in the process: decode loops key their device state on it)
     first_token_s: float = 0.0
     tokens: List[int] = field(default_factory=list)
     logprobs: List[Dict[str, Any]] = field(default_factory=list)
@@ -163,7 +166,8 @@ class ContinuousBatch:
         own_pages = eng.pool.pages_for(job.own_tokens)
         self.free[-1] -= own_pages
         own = eng.pool.allocate(job.own_tokens) if g.is_query_host else None
-        r = _Running(job, held, own, own_pages, reused, 0.0 if reused else held.encoded.phase1_s, time.perf_counter())
+        r = _Running(job, held, own, own_pages, reused, 0.0 if reused else held.encoded.phase1_s, time.perf_counter(),
+                     next(_ADMISSIONS))
         choice, logits = eng.query(held.encoded, own, job.query_ids.to(g.device), job.sampling)
         eng._sync()
         r.first_token_s = time.perf_counter() - r.t_query
@@ -180,8 +184,8 @@ class ContinuousBatch:
                 continue
             s, job = r.job.sampling, r.job
             position = len(job.context_ids) + len(job.query_ids) + len(r.tokens) - 1
-            rows.append(DecodeRow(r.tokens[-1], position, r.held.encoded.seq, r.own, s.temperature, s.top_k,
-                                  s.top_p, s.seed, counter=len(r.tokens)))
+            rows.append(DecodeRow(r.number, r.tokens[-1], position, r.held.encoded.seq, r.own, s.temperature,
+                                  s.top_k, s.top_p, s.seed, counter=len(r.tokens)))
         verdicts = self.engine.decoder.step(self.engine.pool, rows)
         n_layers = self.engine.model.arch.num_layers
         for i, (r, row) in enumerate(zip(self.slots, verdicts)):

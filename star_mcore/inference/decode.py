@@ -41,6 +41,7 @@ class DecodeRow:
     """What a decode step needs of one busy slot: the token it feeds, at which position, the request's KV
     (its context's share here, its own tokens on the query host) and its sampling parameters."""
 
+    request: int  # which request (unique within the batch's run): a slot keeps its device state while it is the same
     token: int
     position: int
     context: KVSequence
@@ -87,6 +88,7 @@ class _Inputs:
         G = 2 * slots  # at most one group per distinct context, and one per slot's own tokens
         z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.tokens, self.positions = z(slots), z(slots)
+        self.own_len = z(slots)  # tokens each slot's own sequence holds before this step
         self.write_at = z(slots) if query_host else None
         self.layout = PagedLayout(z(G, table_width, dtype=torch.int32), z(G, dtype=torch.int32),
                                   z(G, members) - 1, z(G), n_parts=2, splits=splits)
@@ -104,6 +106,7 @@ class _Inputs:
         index = {id(c): i for i, c in enumerate(contexts)}
         filled = [0] * len(contexts)
         write_at = torch.zeros(S, dtype=torch.long)  # idle slots: the scratch page
+        own_len = torch.zeros(S, dtype=torch.long)
         for s, r in enumerate(rows):
             if r is None:
                 continue
@@ -111,7 +114,7 @@ class _Inputs:
             members[j, filled[j]] = s
             filled[j] += 1
             if r.own is not None:
-                n = len(r.own)
+                n = own_len[s] = len(r.own)
                 write_at[s] = r.own.flat_positions(n, 1)[0]
                 table[S + s, : len(r.own.pages)] = torch.tensor(r.own.pages, dtype=torch.int32)
                 lens[S + s] = n + 1  # the token this step writes
@@ -123,11 +126,25 @@ class _Inputs:
         lay = self.layout
         for dst, src in ((lay.table, table), (lay.lens, lens), (lay.members, members), (lay.part, part),
                          (self.tokens, [0 if r is None else r.token for r in rows]),
-                         (self.positions, [0 if r is None else r.position for r in rows])):
+                         (self.positions, [0 if r is None else r.position for r in rows]), (self.own_len, own_len)):
             dst.copy_(torch.as_tensor(src, dtype=dst.dtype))
         if self.write_at is not None:
             self.write_at.copy_(write_at)
         _fill_params(self.params, rows)
+
+    def advance(self, page_size: int) -> None:
+        """After a step, on the device: every slot feeds the token it chose at the next position; the own
+        groups hold one more key and the next one goes to the next place of the slot's pages. So a batch whose
+        requests stay the same replays with no host write at all."""
+        lay, S = self.layout, self.tokens.shape[0]
+        self.tokens.copy_(self.verdict[:, 0].long())
+        self.positions += 1
+        self.params.counter += 1
+        self.own_len += 1
+        lay.lens[S:] += (lay.members[S:, 0] >= 0).int()
+        if self.write_at is not None:
+            page = lay.table[S:].gather(1, (self.own_len // page_size).clamp_max(lay.table.shape[1] - 1)[:, None])
+            self.write_at.copy_(page[:, 0].long() * page_size + self.own_len % page_size)
 
 
 _SAID: set = set()  # the reasons already logged
@@ -144,6 +161,7 @@ class StaticDecode:
         self._inputs: Dict[Tuple[int, int], _Inputs] = {}
         self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
         self._pool: Optional[KVPool] = None
+        self._filled: Optional[tuple] = None  # (shape, the request in each slot) the device state holds now
         self.replays = 0  # steps replayed from a graph (the tests read it)
         self.captures = 0
 
@@ -172,13 +190,17 @@ class StaticDecode:
             self._inputs[key] = _Inputs(self.slots, key[0], key[1], width_pages, m.arch.vocab_size,
                                         g.is_query_host, g.device)
         x = self._inputs[key]
-        x.fill(pool, rows, contexts)
+        filled = (key, tuple(None if r is None else r.request for r in rows))
+        if filled != self._filled:  # new requests, or some left: the host writes the whole state
+            x.fill(pool, rows, contexts)
+        self._filled = filled
 
         def run() -> None:
             with m.attending(PagedBatchStep(self.kernel, pool, x.layout, x.write_at, g.cp)):
                 m.runtime.reset_guard(g.device, rows=self.slots)
                 hidden = m.hidden(x.tokens, x.positions)
             decide(h, hidden, x.params, x.verdict)
+            x.advance(pool.page_size)
 
         use_graph = self.graphs
         if use_graph and g.device.type != "cuda":
@@ -189,20 +211,21 @@ class StaticDecode:
         elif key in self._graphs:
             self._graphs[key].replay()
             self.replays += 1
-        elif not self._capture(key, run):
+        elif not self._capture(key, run, lambda: x.fill(pool, rows, contexts)):
             run()
         out = x.verdict.tolist()
         return [None if r is None else out[s] for s, r in enumerate(rows)]
 
-    def _capture(self, key, run) -> bool:
+    def _capture(self, key, run, refill) -> bool:
         """Capture ``run`` for ``key`` and replay it once (this step). A shape seen for the first time runs
-        eagerly on a side stream first (CUDA's warm-up: kernels compiled, library handles made); that run is
-        repeated by the replay, on the same inputs, so its results are simply overwritten."""
+        eagerly on a side stream first (CUDA's warm-up: kernels compiled, library handles made); ``refill`` then
+        puts the state back as it was before that run, and the replay does the step for real."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream().wait_stream(side)
+        refill()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):

@@ -293,13 +293,16 @@ def put_in_input_order(path: str, order: List[str]) -> None:
     replaced only once the new one is complete, so a stop during the rewrite loses nothing."""
     p = Path(path)
     lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
-    by_id: Dict[str, List[str]] = {}
+    by_id: Dict[str, List[Tuple[bool, str]]] = {}
     for line in lines:
         try:
-            key = id_key(json.loads(line)["id"])
+            rec = json.loads(line)
+            key = id_key(rec["id"])
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-        by_id.setdefault(key, []).append(line)
+        # a repeated id: the first request's line first, then the later ones' duplicate-id errors
+        by_id.setdefault(key, []).append((str(rec.get("error", "")).startswith("duplicate id "), line))
+    by_id = {k: [line for _, line in sorted(v, key=lambda x: x[0])] for k, v in by_id.items()}
     out = [by_id[k].pop(0) for k in order if by_id.get(k)]
     out += [x for rest in by_id.values() for x in rest]  # lines of ids no longer in the input stay, at the end
     tmp = p.with_name(p.name + ".tmp")
