@@ -61,3 +61,20 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(gqa_ckpt, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("star-mcore: error: the run does not fit: about ")
     assert "for 360 context tokens" in lines[0]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_kv_pool_counts_a_shared_context_once():
+    from star_mcore.config import InferenceConfig
+    from star_mcore.inference.modes import context_parallel_mode
+    from star_mcore.inference.planner import pages_wanted
+
+    star = context_parallel_mode(InferenceConfig(block_size=100, anchor_size=100))
+    # 8 questions (own: 50 tokens = 2 pages of 32) over one 1000-token context on 4 hosts: shares 300/300/200/200
+    questions = [("doc", 1000, 50)] * 8
+    assert pages_wanted(star, 4, 32, 8, questions) == (7 + 8 * 2, 10)  # the query host; alone: host 0 (300)
+    # 8 separate contexts: each counted; 2 slots take the two largest
+    separate = [(f"doc{i}", 1000 + 100 * i, 50) for i in range(8)]
+    wanted, alone = pages_wanted(star, 4, 32, 2, separate)
+    shares = [star.context_shares(n, 4) for n in (1600, 1700)]
+    assert wanted == max(sum(-(-s[h] // 32) for s in shares) + (4 if h == 3 else 0) for h in range(4))
+    assert alone == max(max(-(-x // 32) for x in shares[1][:3]), -(-shares[1][3] // 32) + 2)

@@ -121,7 +121,8 @@ class ContinuousBatch:
             jobs = list(jobs)
             eng = self.engine
             wanted, _ = pages_wanted(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(self.slots),
-                                     [(len(j.context_ids), j.own_tokens) for j in jobs])
+                                     [(j.context_ids.numpy().tobytes(), len(j.context_ids), j.own_tokens)
+                                      for j in jobs])
             pages = 1 + wanted
         pool = self.engine.reserve(pages)
         self.free = [pool.pages - 1] * self.engine.groups.cp_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..config import RunConfig
 from ..errors import RunError
@@ -103,26 +103,35 @@ def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int
     return p
 
 
-def pages_wanted(mode, cp: int, page: int, slots: int, requests: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
-    """(pages for ``slots`` of ``requests`` at once, pages of the largest alone) on the fullest host, scratch
-    not counted. requests: (context tokens, own tokens: query + budget); the own tokens live on the last host."""
-    needs: List[List[int]] = [[] for _ in range(cp)]
-    for ctx, own in requests:
-        shares = mode.context_shares(ctx, cp)
-        for h in range(cp):
-            needs[h].append(-(-shares[h] // page) + (-(-own // page) if h == cp - 1 else 0))
-    return (max(sum(sorted(n, reverse=True)[:slots]) for n in needs), max(max(n) for n in needs))
+def pages_wanted(mode, cp: int, page: int, slots: int,
+                 requests: Sequence[Tuple[Hashable, int, int]]) -> Tuple[int, int]:
+    """(pages for any ``slots`` of ``requests`` at once, pages of the largest alone) on the fullest host, scratch
+    not counted. requests: (context key, context tokens, own tokens: query + budget); requests with one key share
+    one copy of the context, and the own tokens live on the last host. The first is a bound: the ``slots``
+    largest contexts plus the ``slots`` largest own parts."""
+    contexts: Dict[Hashable, List[int]] = {}
+    owns: List[int] = []
+    alone = 0
+    for key, ctx, own in requests:
+        shares = [-(-n // page) for n in mode.context_shares(ctx, cp)]
+        contexts[key] = shares
+        owns.append(-(-own // page))
+        alone = max(alone, max(shares[:-1], default=0), shares[-1] + owns[-1])
+    top = lambda xs: sum(sorted(xs, reverse=True)[:slots])  # noqa: E731
+    own_top = top(owns)
+    wanted = max(top([c[h] for c in contexts.values()]) + (own_top if h == cp - 1 else 0) for h in range(cp))
+    return wanted, alone
 
 
-def kv_pool_pages(cfg: RunConfig, arch: LlamaArch, requests: Sequence[Tuple[int, int]]) -> int:
-    """Pages of each host's KV pool for a run over ``requests`` ((context tokens, own tokens)): what
+def kv_pool_pages(cfg: RunConfig, arch: LlamaArch, requests: Sequence[Tuple[Hashable, int, int]]) -> int:
+    """Pages of each host's KV pool for a run over ``requests`` ((context key, tokens, own tokens)): what
     ``inference.max_batch_size`` of them need at once on the fullest host (the largest needs, so any mix fits),
     capped by the memory the planner leaves beside the weights and the largest request's phase-1 forward, never
     below what the largest one needs alone. Admission then keeps every host within it."""
     inf = cfg.inference
     wanted, largest = pages_wanted(context_parallel_mode(inf), cfg.model.context_parallel_size, inf.kv_page_size,
                                    inf.max_batch_size, requests)
-    ctx, own = max(requests, key=lambda r: r[0] + r[1])
+    _, ctx, own = max(requests, key=lambda r: r[1] + r[2])
     p = plan(cfg, arch, ctx, 0, own)
     per_page = inf.kv_page_size * kv_bytes_per_token(arch, cfg.model.tensor_model_parallel_size, cfg.model.precision)
     budget = (device_capacity(cfg) - p.weights - p.activations - p.overhead) // per_page

@@ -136,8 +136,8 @@ def run_generation(cfg: RunConfig) -> int:
     if valid:
         longest = max(valid, key=lambda r: len(r.context_ids) + len(r.query_ids) + r.tokens_to_generate)
         check_fits(cfg, arch, len(longest.context_ids), len(longest.query_ids), longest.tokens_to_generate)
-        pages = kv_pool_pages(cfg, arch, [(len(r.context_ids), len(r.query_ids) + r.tokens_to_generate)
-                                          for r in valid])
+        pages = kv_pool_pages(cfg, arch, [(tuple(r.context_ids), len(r.context_ids),
+                                           len(r.query_ids) + r.tokens_to_generate) for r in valid])
     with open_session(cfg, arch, tokenizer) as s:
         engine = s.engine
         ids = IdTracker(inf.output_path)  # every rank reads it before the writer appends: same skips
