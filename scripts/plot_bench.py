@@ -167,6 +167,27 @@ def gpu_memory(bench: Path) -> None:
     fig.savefig(bench / "memory.png", dpi=110)
 
 
+def batch(bench: Path) -> None:
+    d = json.loads((bench / "batch.json").read_text())
+    rows = [r for r in d["rows"] if not r["shared_context"] and "note" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, share in enumerate(sorted({r["kv_share"] for r in rows})):
+        sel = sorted((r for r in rows if r["kv_share"] == share), key=lambda r: r["batch"])
+        b, c = [r["batch"] for r in sel], f"C{i}"
+        axes[0].plot(b, [r["ms_per_step"] for r in sel], "o-", color=c, label=f"step, {share // 1024}K each")
+        axes[0].plot(b, [r["floor_ms_per_step"] for r in sel], "x:", color=c, label=f"floor, {share // 1024}K each")
+        axes[1].plot(b, [r["tokens_per_s"] for r in sel], "o-", color=c, label=f"{share // 1024}K each")
+    axes[0].set(xlabel="requests decoding together", ylabel="ms per decode step", xscale="log", xticks=[1, 4, 16, 32],
+                xticklabels=["1", "4", "16", "32"], title=f"{d['shape']}, {d['layers']} layers, one H200")
+    axes[1].set(xlabel="requests decoding together", ylabel="generated tokens / s", xscale="log", xticks=[1, 4, 16, 32],
+                xticklabels=["1", "4", "16", "32"], title="throughput")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(bench / "batch.png", dpi=110)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
     phase1(out)
@@ -175,4 +196,6 @@ if __name__ == "__main__":
     decode_floor(out)
     load_memory(out)
     gpu_memory(out)
-    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, decode_floor.png, load_memory.png, memory.png")
+    batch(out)
+    print(f"wrote {out}/phase1_speedup.png, kernels.png, decode.png, decode_floor.png, load_memory.png, memory.png, "
+          "batch.png")

@@ -153,9 +153,11 @@ def test_tied_embeddings_are_held_once(smollm2_ckpt, name):
         assert r["param_bytes"] == weight_bytes(arch, tp, "fp32")
 
 
-def test_a_text_request_through_the_chat_template(smollm2_ckpt, tmp_path):
+def test_text_requests_through_the_chat_template_batched_sampled_and_stopped(smollm2_ckpt, tmp_path):
     """generate with inference.apply_chat_template: phase 1 + phase 2 get exactly transformers' chat-template
-    tokens, the answer is HF's greedy generation, stopped at <|im_end|>, and its text is decoded."""
+    tokens, the greedy answer is HF's, stopped at <|im_end|> (finish_reason eos), its text decoded. In the same
+    batch: the request with a stop string ends at the token that completes it, its text cut before it; a sampled
+    one (seeded). One request at a time gives every one of them the same tokens and text."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_ckpt, local_files_only=True)
@@ -163,19 +165,39 @@ def test_a_text_request_through_the_chat_template(smollm2_ckpt, tmp_path):
                                    tokenize=True, return_dict=False)
     ctx, qry = prompt(smollm2_ckpt)
     assert ctx + qry == list(turn) and tok.decode(qry).startswith(QUERY)
-    req, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
-    req.write_text(json.dumps({"id": "tom", "context": CONTEXT, "query": QUERY}) + "\n")
-    res = torchrun(1, [f"checkpoint.hf_path={smollm2_ckpt}", f"inference.input_path={req}",
-                       f"inference.output_path={out}", "inference.context_parallel_mode=none",
-                       "model.context_parallel_size=1", "inference.apply_chat_template=true",
-                       f"inference.tokens_to_generate={N_NEW}"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    req = tmp_path / "req.jsonl"
+    req.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "tom", "context": CONTEXT, "query": QUERY},
+        {"id": "stop", "context": CONTEXT, "query": QUERY, "stop": ["garage"]},
+        {"id": "sampled", "context": CONTEXT, "query": QUERY, "temperature": 0.7, "seed": 3, "logprobs": 2}]))
+    runs = {}
+    for batch in (8, 1):
+        out = tmp_path / f"out{batch}.jsonl"
+        res = torchrun(1, [f"checkpoint.hf_path={smollm2_ckpt}", f"inference.input_path={req}",
+                           f"inference.output_path={out}", "inference.context_parallel_mode=none",
+                           "model.context_parallel_size=1", "inference.apply_chat_template=true",
+                           f"inference.tokens_to_generate={N_NEW}", f"inference.max_batch_size={batch}"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[batch] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    recs = runs[8]
+    assert list(recs) == ["tom", "stop", "sampled"]  # input order
     with torch.no_grad():
         hf = load_hf(smollm2_ckpt).generate(torch.tensor([turn]), max_new_tokens=N_NEW, do_sample=False,
                                             eos_token_id=EOS, pad_token_id=EOS)[0, len(turn):].tolist()
-    assert rec["generated_ids"] == hf and hf[-1] == EOS and len(hf) < N_NEW
-    assert rec["text"] == tok.decode(hf, skip_special_tokens=True) and "garage" in rec["text"]
+    assert recs["tom"]["generated_ids"] == hf and hf[-1] == EOS and len(hf) < N_NEW
+    assert recs["tom"]["finish_reason"] == "eos"
+    text = tok.decode(hf, skip_special_tokens=True)
+    assert recs["tom"]["text"] == text and "garage" in text
+    stop = recs["stop"]
+    n = len(stop["generated_ids"])
+    assert stop["finish_reason"] == "stop" and stop["generated_ids"] == hf[:n]
+    assert "garage" in tok.decode(hf[:n]) and "garage" not in tok.decode(hf[:n - 1])  # the token completing it
+    assert stop["text"] == text[: text.index("garage")] and recs["tom"]["context_reused"] is False
+    assert stop["context_reused"] and recs["sampled"]["context_reused"]  # one phase 1 for the three
+    assert [x["id"] for x in recs["sampled"]["logprobs"]] == recs["sampled"]["generated_ids"]
+    for rid in recs:  # batched or one at a time: the same answer
+        assert (runs[1][rid]["generated_ids"], runs[1][rid].get("text")) == \
+            (recs[rid]["generated_ids"], recs[rid].get("text")), rid
 
 
 def test_eval_applies_the_chat_template_from_the_study_config(smollm2_ckpt, tmp_path):
