@@ -81,6 +81,19 @@ def test_every_request_of_a_batch_gets_what_it_gets_alone(gqa_ckpt, world):
                     {t: o["tokens"] for t, o in got["batch"].items()}
 
 
+def test_a_sampled_request_draws_its_first_token_from_its_logits_with_the_sampler(gqa_ckpt):
+    """The engine's sampled token is the sampler's (ops.sampling, tested for its distribution) on the request's
+    own first-step logits, with its seed and token index 0."""
+    from star_mcore.ops.sampling import SamplingParams, sample
+
+    got = results(gqa_ckpt, "cp2")[1]["star/static"]["batch"]
+    for j in (JOBS[3], JOBS[4]):
+        p = SamplingParams(torch.tensor([j["temperature"]]), torch.tensor([j.get("top_k", 0)]),
+                           torch.tensor([j.get("top_p", 1.0)]), torch.tensor([j["seed"]]), torch.tensor([0]))
+        token, *_ = sample(torch.tensor([got[j["tag"]]["logits"]]), p)
+        assert token.item() == got[j["tag"]]["tokens"][0], j["tag"]
+
+
 def test_requests_over_one_context_share_its_phase_1(gqa_ckpt):
     got = results(gqa_ckpt, "cp2")[1]["star/static"]["batch"]
     # j0 encodes A, j2 and j4 reuse it (running beside j0, or resident after it); j6 reuses B

@@ -61,3 +61,54 @@ def test_duplicate_ids_get_an_error_line_once_even_across_a_resume(tmp_path):
     with open(out, "a") as f:
         f.write(json.dumps({"id": "b", "generated_ids": [1]}) + "\n" + json.dumps({"id": "a", "error": "dup"}) + "\n")
     assert run(out) == first[3:]
+
+
+def test_sampling_fields_override_the_defaults_and_bad_values_are_the_requests_error(tmp_path):
+    from star_mcore.config import SamplingConfig
+
+    inf = InferenceConfig(tokens_to_generate=4, sampling=SamplingConfig(temperature=0.5, top_p=0.8, logprobs=2))
+    tok = Tokenizer(str(tmp_path))  # no tokenizer: stop strings are refused
+    line = lambda **kw: json.dumps({"id": "r", "context_ids": [1, 2], "query_ids": [3], **kw})  # noqa: E731
+    req = parse_request(line(temperature=0, top_k=3, seed=7, stop_token_ids=[5], tokens_to_generate=9), 1, tok,
+                        101, 512, inf)
+    assert (req.error, req.temperature, req.top_k, req.top_p, req.seed, req.stop_token_ids, req.logprobs,
+            req.tokens_to_generate) == (None, 0, 3, 0.8, 7, (5,), 2, 9)
+    bad = {
+        "temperature": (dict(temperature=-1), "temperature must be a number >= 0, got -1"),
+        "top_p": (dict(top_p=0), "top_p must be in (0, 1], got 0"),
+        "top_k": (dict(top_k=1.5), "top_k must be an integer >= 0 (0: no limit), got 1.5"),
+        "seed": (dict(seed=-3), "seed must be an integer in [0, 2**63), got -3"),
+        "logprobs": (dict(logprobs=21), "logprobs must be an integer in [0, 20], got 21"),
+        "budget": (dict(tokens_to_generate=0), "tokens_to_generate must be an integer >= 1, got 0"),
+        "stop ids": (dict(stop_token_ids=[101]), "stop_token_ids has token id 101 outside the vocabulary [0, 101)"),
+        "stop type": (dict(stop=[""]), "stop must be a string or a list of non-empty strings"),
+        "typo": (dict(temprature=1), "unknown field 'temprature' (a request has: id, context_ids, query_ids, "
+                                     "context, query, tokens_to_generate, temperature, top_k, top_p, seed, stop, "
+                                     "stop_token_ids, logprobs)"),
+    }
+    for name, (fields, message) in bad.items():
+        assert parse_request(line(**fields), 1, tok, 101, 512, inf).error == message, name
+    no_tok = parse_request(line(stop="\n"), 1, tok, 101, 512, inf).error
+    assert no_tok.startswith("stop strings, but") and "use stop_token_ids instead" in no_tok
+
+
+def test_seeds_without_a_request_seed_are_stable_per_id_and_apart_between_ids():
+    from star_mcore.inference.requests import resolved_seed
+
+    a, b = Request("a"), Request("b")
+    assert resolved_seed(a, 0) == resolved_seed(Request("a"), 0) != resolved_seed(b, 0)
+    assert resolved_seed(a, 0) != resolved_seed(a, 1) and 0 <= resolved_seed(a, 0) < 2 ** 63
+    assert resolved_seed(Request("c", seed=5), 0) == 5
+
+
+def test_a_finished_file_is_put_in_input_order(tmp_path):
+    from star_mcore.inference.requests import id_key, put_in_input_order
+
+    out = tmp_path / "out.jsonl"
+    lines = [{"id": "b", "generated_ids": [1]}, {"id": "a", "error": 'duplicate id "a": line 1 has the same id'},
+             {"id": 3, "generated_ids": [2]}, {"id": "a", "generated_ids": [3]}]
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    put_in_input_order(str(out), [id_key(x) for x in ("a", 3, "b", "a")])
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got == [lines[3], lines[2], lines[0], lines[1]]  # the first "a" is the request, the second its duplicate
+    assert not (tmp_path / "out.jsonl.tmp").exists()
