@@ -98,9 +98,12 @@ def test_raising_rank_makes_every_other_rank_exit_naming_it(gqa_ckpt, tmp_path):
 
 
 def test_interrupted_run_resumes_without_duplicates_or_losses(gqa_ckpt, tmp_path):
+    """Killed mid-run (3 requests decoding together, lines written as they end), then rerun: every line written
+    before the kill is kept as it was, no request is answered twice, and the finished file is in input order."""
     req, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
-    reqs = _requests(req, 8, 300)
-    args = _args(gqa_ckpt, req, out, ["inference.context_parallel_mode=none", "model.context_parallel_size=1"])
+    reqs = _requests(req, 12, 300)
+    args = _args(gqa_ckpt, req, out, ["inference.context_parallel_mode=none", "model.context_parallel_size=1",
+                                      "inference.max_batch_size=3"])
     first = subprocess.Popen([sys.executable, "-m", "star_mcore", *args], cwd=ROOT, stderr=subprocess.DEVNULL,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 240
@@ -111,15 +114,15 @@ def test_interrupted_run_resumes_without_duplicates_or_losses(gqa_ckpt, tmp_path
     with open(out, "a") as f:
         f.write('{"id": "r7", "generated_i')  # a line torn by the crash
     kept = out.read_text().splitlines()[:-1]
-    assert 2 <= len(kept) < 8
+    assert 2 <= len(kept) < 12
     res = star_mcore(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resuming: {len(kept)} request(s) already in" in res.stderr
     lines = out.read_text().splitlines()
-    assert lines[: len(kept)] == kept  # nothing computed is lost or rewritten
+    assert set(kept) <= set(lines)  # nothing computed is lost or rewritten
     recs = [json.loads(x) for x in lines]
-    assert sorted(r["id"] for r in recs) == sorted(r["id"] for r in reqs)  # each once: no duplicates
-    for r, q in zip(sorted(recs, key=lambda r: r["id"]), sorted(reqs, key=lambda r: r["id"])):
+    assert [r["id"] for r in recs] == [r["id"] for r in reqs]  # each once, in input order
+    for r, q in zip(recs, reqs):
         assert r["generated_ids"] == global_generate(gqa_ckpt, q["context_ids"], q["query_ids"], 4)[0]
 
 

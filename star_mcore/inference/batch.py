@@ -170,7 +170,7 @@ class ContinuousBatch:
         r = _Running(job, held, own, own_pages, reused, 0.0 if reused else held.encoded.phase1_s, time.perf_counter(),
                      next(_ADMISSIONS))
         choice, logits = eng.query(held.encoded, own, job.query_ids.to(g.device), job.sampling)
-        eng._sync()
+        eng.sync()
         r.first_token_s = time.perf_counter() - r.t_query
         if job.save_logits and logits is not None:
             r.logits = logits[0].cpu()
@@ -224,8 +224,7 @@ class ContinuousBatch:
         timings = {"phase1_s": round(r.phase1_s, 6), "phase2_s": round(phase2_s, 6),
                    "first_token_s": round(r.first_token_s, 6),
                    "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None}
-        emit(job, Generation(r.tokens, reason, timings, r.logits, r.reused, r.logprobs if s.logprobs else None,
-                             tag=job.tag))
+        emit(job, Generation(r.tokens, reason, timings, r.logits, r.reused, r.logprobs if s.logprobs else None))
         return True
 
     def _leave(self, r: _Running) -> None:

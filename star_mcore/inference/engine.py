@@ -61,7 +61,6 @@ class Generation:
     first_step_logits: Optional[Tensor] = None
     context_reused: bool = False  # phase 1 was skipped: the context was already encoded for another request
     logprobs: Optional[List[Dict[str, Any]]] = None  # per generated token: {"id", "logprob", "top": [[id, lp]]}
-    tag: Any = None  # the caller's handle of the request
 
 
 class Engine:
@@ -87,7 +86,8 @@ class Engine:
     def groups(self) -> ParallelGroups:
         return self.host.groups
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for this rank's device work (timings are of finished work)."""
         if self.groups.device.type == "cuda":
             torch.cuda.synchronize(self.groups.device)
 
@@ -125,7 +125,7 @@ class Engine:
         with torch.inference_mode():
             t0 = time.perf_counter()
             self.prefill(context_ids, seq)
-            self._sync()
+            self.sync()
             # One reduction over all ranks: the slowest host's phase-1 time (the critical path) and the first
             # layer, on any rank, whose attention output was not finite (encoded so that MAX finds the lowest).
             stats = torch.stack([torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=g.device),
