@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from .decode import DecodeRow
 from .engine import Encoded, Engine, Generation, Sampling
@@ -111,12 +112,23 @@ class ContinuousBatch:
         self.free = [f + p for f, p in zip(self.free, held.pages)]
 
     # --- the loop --------------------------------------------------------------------------------------------
+    def _agreed(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank calls this at the same point of the loop)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(flag)], device=self.engine.groups.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+        return flag
+
     @torch.inference_mode()
-    def run(self, jobs: Iterable[Job], emit: Callable[[Job, Outcome], None], pages: Optional[int] = None) -> None:
+    def run(self, jobs: Iterable[Job], emit: Callable[[Job, Outcome], None], pages: Optional[int] = None,
+            stop: Optional[Callable[[], bool]] = None) -> bool:
         """Answer ``jobs`` in order of admission, calling ``emit`` as each one ends (a Generation, or the
         RequestError that ended it). ``pages``: each host's pool size (default: what the jobs, which must then
-        be a list, need at once; :func:`.planner.kv_pool_pages` caps it by memory). Every held context is
-        released at the end."""
+        be a list, need at once; :func:`.planner.kv_pool_pages` caps it by memory). ``stop``: asked (on every
+        rank, agreed over all) before each admission; once it says so on any rank no request is admitted and the
+        running ones finish. Returns False if jobs were left unstarted so. Every held context is released at
+        the end."""
         if pages is None:
             jobs = list(jobs)
             eng = self.engine
@@ -131,6 +143,10 @@ class ContinuousBatch:
         try:
             while nxt is not None or any(self.slots):
                 while nxt is not None and None in self.slots:
+                    if stop is not None and self._agreed(stop()):
+                        while any(self.slots):  # the running ones finish; nothing new starts
+                            self._step(emit)
+                        return False
                     key = nxt.context_ids.numpy().tobytes()
                     need = self._need(nxt, key)
                     if not self._fits(need) and not self._make_room(need, keep=key):
@@ -144,6 +160,7 @@ class ContinuousBatch:
                     nxt = next(pending, None)
                 if any(self.slots):
                     self._step(emit)
+            return True
         finally:
             for key in list(self.contexts):
                 self._drop(key)

@@ -4,6 +4,7 @@ model, engine, the watchdog and the one-line failure path."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -166,9 +167,21 @@ def run_generation(cfg: RunConfig) -> int:
                 else:
                     yield _job(req, inf, tokenizer, line_no)
 
-        ContinuousBatch(engine).run(jobs(), lambda job, out: emit(job.tag[1], out), pages=pages)
+        # SIGTERM (a scheduler's preemption, scancel): admit nothing more, finish what runs, keep every line
+        stopped = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+        try:
+            finished = ContinuousBatch(engine).run(jobs(), lambda job, out: emit(job.tag[1], out), pages=pages,
+                                                   stop=lambda: bool(stopped))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if writer is not None:
             writer.close()
             put_in_input_order(inf.output_path, [id_key(r.id) for _, r in requests])
             log(f"done: {counts['answered']} answered, {counts['errors']} with errors -> {inf.output_path}")
+    if not finished:
+        if s.writer:
+            print("star-mcore: stopped by SIGTERM: the running requests were finished and written; rerun with the "
+                  f"same inference.output_path={inf.output_path} to answer the rest", file=sys.stderr, flush=True)
+        return 143
     return 0

@@ -105,13 +105,16 @@ class Watchdog:
                 _store(5.0).set(f"done/{self.rank}", "1")
             except Exception:  # noqa: BLE001
                 pass
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, signal.SIGUSR1)
             os.waitpid(self.pid, 0)
             self.pid = None
 
     def _watch(self, parent: int) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the rank; it stops us
+        signal.signal(signal.SIGUSR1, lambda *_: os._exit(0))  # the rank's stop()
+        # Ctrl-C and a scheduler's SIGTERM go to the rank (which drains, then stops us); a watchdog that left
+        # first would fall silent and get its rank named dead while it finishes its requests
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
         def verdict(msg: str, linger: bool = True) -> None:
             print(f"star-mcore: error: rank {self.rank}: stopping because {msg}", file=sys.stderr, flush=True)
