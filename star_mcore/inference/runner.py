@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..errors import ConfigError, RunError, UserError
 from ..model.arch import LlamaArch
-from ..model.hf_checkpoint import load_hf_llama
+from ..model.checkpoint import open_checkpoint
 from ..model.llama import StarLlama
 from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
@@ -78,9 +78,10 @@ def open_session(cfg: RunConfig, arch: LlamaArch) -> Iterator[Session]:
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
         model = StarLlama(arch, groups, cfg.model.precision)
-        load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
+        ckpt = open_checkpoint(cfg.checkpoint)  # HF or Megatron: the loader and tokenizer of the checkpoint
+        ckpt.load(model, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, inf, arch.eos_token_ids)
-        yield Session(arch, groups, engine, Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template),
+        yield Session(arch, groups, engine, Tokenizer(ckpt.tokenizer_dir, chat=inf.apply_chat_template),
                       writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
         _fail(watchdog, rank, e)

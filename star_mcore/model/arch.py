@@ -1,13 +1,37 @@
-"""The architecture of an HF Llama checkpoint, read from its config.json."""
+"""The architecture of a Llama checkpoint (:class:`LlamaArch`), and reading it from an HF config.json.
+
+Every config.json field that changes the forward pass is either read or checked against what this project
+implements (:data:`HF_IMPLEMENTED`); any other value is refused naming the field and its value."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..errors import RunError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False or v == 0
+
+
+# config.json field -> (test of the implemented value, what is implemented); an absent field is its default.
+HF_IMPLEMENTED: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "hidden_act": (lambda v: v == "silu", "silu (SwiGLU)"),
+    "attention_bias": (_off, "false (no biases)"),
+    "mlp_bias": (_off, "false (no biases)"),
+    "partial_rotary_factor": (lambda v: v == 1, "1.0"),
+    "sliding_window": (_off, "none (full causal attention)"),
+    "use_sliding_window": (_off, "false"),
+    "attn_logit_softcapping": (_off, "none"),
+    "final_logit_softcapping": (_off, "none"),
+    "quantization_config": (_off, "none (weights in fp32 / bf16 / fp16)"),
+}
 
 
 def padded_vocab_size(vocab: int, tp: int) -> int:
@@ -33,19 +57,34 @@ class LlamaArch:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> "LlamaArch":
-        path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
+        return cls.from_hf_config(Path(path) / "config.json")
+
+    @classmethod
+    def from_hf_config(cls, config: str | Path) -> "LlamaArch":
+        """From a config.json (and the generation_config.json beside it, for the EOS ids)."""
+        config = Path(config)
+        cfg = json.loads(config.read_text())
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise RunError(f"{config}: model_type {model_type!r} is not supported "
+                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         # transformers >= 5 writes theta and scaling together as ``rope_parameters``.
         rope = cfg.get("rope_parameters") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        gen = path / "generation_config.json"
+        fields = {**cfg, **({"partial_rotary_factor": rope["partial_rotary_factor"]}
+                            if "partial_rotary_factor" in rope else {})}
+        for name, (ok, implemented) in HF_IMPLEMENTED.items():
+            if name in fields and not ok(fields[name]):
+                raise RunError(f"{config}: {name}={fields[name]!r} is not implemented "
+                               f"(star-mcore runs Llama: {name} = {implemented})")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise RunError(f"{config}: rope_scaling rope_type={rope_type!r} is not implemented "
+                           f"(implemented: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        gen = config.parent / "generation_config.json"
         if gen.exists():
             eos = json.loads(gen.read_text()).get("eos_token_id", eos)
         return cls(
