@@ -20,7 +20,7 @@ from hf_reference import global_generate, load_hf, star_generate
 from star_mcore.config import CheckpointConfig
 from star_mcore.errors import RunError
 from star_mcore.model.checkpoint import open_checkpoint
-from workers import checkpoints_battery
+from workers import checkpoints_battery, preflight_error
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -97,6 +97,24 @@ def test_star_is_not_global_attention_here(references):
     ring = torch.tensor(world(2, 2)[0 + 2]["lm-0.16"]["cases"]["ring"]["logits"])
     star = torch.tensor(world(2, 2)[0 + 2]["lm-0.16"]["cases"]["star-a4"]["logits"])
     assert (ring - star).abs().max().item() > 1e-3
+
+
+def test_tp_ranks_read_only_their_boxes():
+    """At TP 2 the two ranks of a host ask the checkpoint, together, for every element the model uses once,
+    plus the replicated norms once more (the Bridge vocabulary: its 101 rows of the 128 saved)."""
+    from star_mcore.model.megatron_checkpoint import DcpCheckpoint
+
+    for name, (path, _, _) in CHECKPOINTS.items():
+        ckpt = open_checkpoint(CheckpointConfig(megatron_path=str(path)))
+        a = ckpt.arch
+        it = next(path.glob("iter_*"))
+        sizes = {k: m.size for k, m in DcpCheckpoint(it).entries.items() if hasattr(m, "size")}
+        vocab = sum(a.vocab_size * s[1] for k, s in sizes.items() if k in ("embedding.word_embeddings.weight",
+                                                                               "output_layer.weight"))
+        rest = sum(s.numel() for k, s in sizes.items() if k not in ("embedding.word_embeddings.weight",
+                                                                     "output_layer.weight"))
+        norms = (2 * a.num_layers + 1) * a.hidden_size
+        assert sum(r[name]["requested"] for r in world(2, 2)[:2]) == vocab + rest + norms, name
 
 
 def test_architecture_and_tokenizer_from_the_run_record():
@@ -292,3 +310,61 @@ def test_missing_and_truncated_weight_files_are_named(gqa_ckpt, tmp_path):
     with open(st, "r+b") as f:
         f.truncate(size - 1)
     assert _refusal(hf_path=str(tmp_path / "hf")) == f"{st}: truncated ({size - 1} bytes; its header describes {size})"
+
+
+# --- the CLI, end to end --------------------------------------------------------------------------------------
+
+def test_generate_on_a_bridge_checkpoint_with_its_tokenizer(references, tmp_path):
+    """torchrun, ring over 2 ranks: an ids request equals transformers on the same weights, a text request goes
+    through the checkpoint's own tokenizer/ (and stops at its EOS, read from tokenizer.json)."""
+    from test_cli import torchrun
+
+    req, out = tmp_path / "req.jsonl", tmp_path / "out.jsonl"
+    req.write_text(json.dumps({"id": "ids", "context_ids": CTX, "query_ids": QRY}) + "\n"
+                   + json.dumps({"id": "text", "context": "alpha bravo charlie delta", "query": " echo"}) + "\n")
+    res = torchrun(2, [f"checkpoint.megatron_path={CHECKPOINTS['bridge-0.19'][0]}", f"inference.input_path={req}",
+                       f"inference.output_path={out}", f"inference.tokens_to_generate={N}",
+                       "inference.save_logits=true", "model.context_parallel_size=2",
+                       "inference.context_parallel_mode=ring"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    tokens, logits = global_generate(references["bridge"], CTX, QRY, N)
+    assert rec["ids"]["generated_ids"] == tokens
+    assert (torch.tensor(rec["ids"]["first_step_logits"]) - logits).abs().max().item() <= TOL
+    assert "error" not in rec["text"] and isinstance(rec["text"]["text"], str)
+
+
+def test_a_truncated_weight_file_is_named_by_every_rank_before_any_collective(tmp_path):
+    """Each rank of a TP 2 x CP 2 job runs the runner's checks and stops with the same line, so no rank is left
+    waiting for the others."""
+    from test_cli import CONFIG
+
+    lm = _copy("lm-0.16", tmp_path)
+    data = lm / "iter_0000100" / "__0_1.distcp"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    overrides = [f"checkpoint.megatron_path={lm}", "model.tensor_model_parallel_size=2",
+                 "model.context_parallel_size=2", "inference.context_parallel_mode=ring"]
+    assert run_world(4, preflight_error, CONFIG, overrides) == [
+        f"{data}: truncated ({size // 2} bytes; the checkpoint's index needs {size})"] * 4
+
+
+def test_a_damaged_weight_file_stops_the_run_naming_it(tmp_path):
+    """The right size but unreadable content is found while loading: one line naming the file, exit code 2
+    (torchrun ends the job when the first rank leaves; a rank that does not read the file would exit naming
+    the rank that did)."""
+    from test_cli import torchrun
+
+    lm = _copy("lm-0.19", tmp_path)
+    data = lm / "iter_0000100" / "__1_0.distcp"
+    data.write_bytes(b"\0" * data.stat().st_size)
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"id": "a", "context_ids": CTX, "query_ids": QRY}) + "\n")
+    res = torchrun(2, [f"checkpoint.megatron_path={lm}", f"inference.input_path={req}",
+                       f"inference.output_path={tmp_path / 'out.jsonl'}", "model.tensor_model_parallel_size=2",
+                       "model.context_parallel_size=1"])
+    assert res.returncode != 0 and "exitcode  : 2" in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("star-mcore: error:")]
+    assert errors and set(errors) == {
+        f"star-mcore: error: {data}: cannot be read (UnpicklingError: Weights only load failed)"}, res.stderr

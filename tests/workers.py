@@ -137,21 +137,45 @@ def run_cases(groups, model, cases: List[dict], full_logits_ids: Optional[List[i
 def checkpoints_battery(checkpoints: List[dict], tp: int, cp: int, cases: List[dict] = (),
                         full_logits_ids: Optional[List[int]] = None) -> Dict[str, dict]:
     """:func:`run_cases` on each checkpoint ({name, config: CheckpointConfig fields}), opened and loaded as the
-    runner does (``open_checkpoint``: HF or Megatron), in fp32, one world for all of them."""
+    runner does (``open_checkpoint``: HF or Megatron), in fp32, one world for all of them; with a Megatron
+    checkpoint also ``requested``: the elements of the boxes this rank asked the checkpoint for."""
     from star_mcore.config import CheckpointConfig
+    from star_mcore.model import megatron_checkpoint
     from star_mcore.model.checkpoint import open_checkpoint
 
+    requested: List[int] = []
+    read = megatron_checkpoint.DcpCheckpoint.read
+
+    def spy(self, boxes, wants):
+        requested.append(sum(dest.numel() for _, _, dest in wants))
+        return read(self, boxes, wants)
+
+    megatron_checkpoint.DcpCheckpoint.read = spy
     groups = initialize_parallel(tp, cp, init_process_group("cpu", 120), 120)
     out = {}
     try:
         for c in checkpoints:
             ckpt = open_checkpoint(CheckpointConfig(**c["config"]))
             model = StarLlama(ckpt.arch, groups, "fp32")
+            requested.clear()
             ckpt.load(model, groups.tp_rank, tp)
-            out[c["name"]] = run_cases(groups, model, cases, full_logits_ids)
+            out[c["name"]] = {**run_cases(groups, model, cases, full_logits_ids), "requested": sum(requested)}
     finally:
         destroy_parallel()
     return out
+
+
+def preflight_error(config: str, overrides: List[str]) -> str:
+    """This rank's one-line refusal from the runner's checks before any process group (or "" if none)."""
+    from star_mcore.config import load_config
+    from star_mcore.errors import UserError
+    from star_mcore.inference.preflight import preflight
+
+    try:
+        preflight(load_config(config, overrides))
+    except UserError as e:
+        return str(e)
+    return ""
 
 
 def shared_vs_recompute_kv(groups, model, c: dict) -> dict:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import yaml
 
 from ..config import CheckpointConfig
-from ..errors import RunError
+from ..errors import RunError, unreadable
 from .arch import LlamaArch
 from .hf_checkpoint import check_hf_files, load_hf_llama
 from .megatron_arch import arch_from_megatron
@@ -79,7 +79,7 @@ def _recorded_config(it: Path, dcp: DcpCheckpoint) -> Optional[Tuple[Dict[str, A
         try:
             model = (yaml.safe_load(bridge.read_text()) or {}).get("model")
         except (OSError, yaml.YAMLError, AttributeError) as e:
-            raise RunError(f"{bridge}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(bridge, e) from None
         if not isinstance(model, dict):
             raise RunError(f"{bridge}: no model section")
         return model, "bridge", f"{bridge} (model)"

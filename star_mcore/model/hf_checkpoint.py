@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 import torch
 from safetensors import safe_open
 
-from ..errors import RunError
+from ..errors import RunError, unreadable
 from .arch import LlamaArch
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def check_hf_files(path: Path, arch: LlamaArch) -> None:
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise RunError(f"{index}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(index, e) from None
     else:
         files = sorted(f.name for f in path.glob("*.safetensors"))
         if not files:
@@ -91,7 +91,7 @@ def check_hf_files(path: Path, arch: LlamaArch) -> None:
                 header = json.loads(h.read(n))
             end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise RunError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(f, e) from None
         if f.stat().st_size < 8 + n + end:
             raise RunError(f"{f}: truncated ({f.stat().st_size} bytes; its header describes {8 + n + end})")
         names.update(k for k in header if k != "__metadata__")

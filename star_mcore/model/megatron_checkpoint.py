@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ..errors import RunError
+from ..errors import RunError, unreadable
 from .arch import LlamaArch
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class DcpCheckpoint:
         try:
             self.metadata = self.reader.read_metadata()
         except Exception as e:  # noqa: BLE001 - a damaged index, whatever the unpickler says
-            raise RunError(f"{path / '.metadata'}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(path / ".metadata", e) from None
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.entries = self.metadata.state_dict_metadata
 
@@ -204,7 +204,7 @@ class DcpCheckpoint:
         try:
             self.reader.read_data(LoadPlan(items), boxes).wait()
         except Exception as e:  # noqa: BLE001 - a damaged file, whatever torch.load says
-            raise RunError(f"{self.path / name}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(self.path / name, e) from None
 
     def read_bytes(self, fqn: str) -> bytes:
         """One byte entry (a pickled object), read whole."""
@@ -227,7 +227,7 @@ class DcpCheckpoint:
         try:
             state = _load_record(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - a damaged file, whatever the unpickler says
-            raise RunError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+            raise unreadable(where, e) from None
         return state if where == common else state[0]  # the DCP entry is a one-element list
 
 
