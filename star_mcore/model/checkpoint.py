@@ -17,7 +17,8 @@ from ..errors import RunError, unreadable
 from .arch import LlamaArch
 from .hf_checkpoint import check_hf_files, load_hf_llama
 from .megatron_arch import arch_from_megatron
-from .megatron_checkpoint import DcpCheckpoint, check_weights, iteration_dir, load_megatron_llama, vocab_rows
+from .megatron_checkpoint import (DcpCheckpoint, check_weights, iteration_dir, load_megatron_llama,
+                                  saved_vocab_rows)
 
 if TYPE_CHECKING:
     from .llama import StarLlama
@@ -91,7 +92,7 @@ def _recorded_config(it: Path, dcp: DcpCheckpoint) -> Optional[Tuple[Dict[str, A
 
 def _megatron_arch(c: CheckpointConfig, it: Path, dcp: DcpCheckpoint, eos: List[int]) -> LlamaArch:
     """From the run's own record, else ``checkpoint.hf_config``."""
-    rows = vocab_rows(dcp)
+    rows = saved_vocab_rows(dcp)
     record = _recorded_config(it, dcp)
     if record is not None:
         if c.hf_config:

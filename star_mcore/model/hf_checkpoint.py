@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import RunError, unreadable
-from .arch import LlamaArch
+from .arch import LlamaArch, tp_shard, vocab_shard
 
 if TYPE_CHECKING:
     from .llama import StarLlama
@@ -99,11 +99,6 @@ def check_hf_files(path: Path, arch: LlamaArch) -> None:
         raise RunError(f"{path}: config.json says tie_word_embeddings=false, but no weight file holds lm_head.weight")
 
 
-def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
-    per = n // tp
-    return tp_rank * per, (tp_rank + 1) * per
-
-
 @torch.no_grad()
 def load_hf_llama(model: "StarLlama", path: str | Path, tp_rank: int, tp: int) -> None:
     """Copy the checkpoint's weights into ``model`` (this TP rank's shards), converting to its dtype.
@@ -132,8 +127,7 @@ def load_hf_llama(model: "StarLlama", path: str | Path, tp_rank: int, tp: int) -
     def put_vocab_rows(name: str, src: str) -> None:
         # This rank's rows of the vocabulary, padded to the model's (TP-divisible) size with zero rows.
         dst = target(name)
-        r0 = tp_rank * dst.shape[0]
-        n = max(0, min(dst.shape[0], a.vocab_size - r0))
+        r0, n = vocab_shard(dst.shape[0], tp_rank, a.vocab_size)
         if n:
             copy(dst[:n], reader.read(src, rows=(r0, r0 + n)), name)
         dst[n:].zero_()
@@ -143,9 +137,9 @@ def load_hf_llama(model: "StarLlama", path: str | Path, tp_rank: int, tp: int) -
 
     hd, ng = a.head_dim, a.num_kv_heads
     qpg = a.num_heads // ng  # query heads per KV group
-    g0, g1 = _shard(ng, tp_rank, tp)
-    f0, f1 = _shard(a.intermediate_size, tp_rank, tp)
-    c0, c1 = _shard(a.num_heads * hd, tp_rank, tp)
+    g0, g1 = tp_shard(ng, tp_rank, tp)
+    f0, f1 = tp_shard(a.intermediate_size, tp_rank, tp)
+    c0, c1 = tp_shard(a.num_heads * hd, tp_rank, tp)
     for i in range(a.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         put(dst + "input_layernorm.weight", reader.read(src + "input_layernorm.weight"))

@@ -13,17 +13,13 @@ Plain Python: no megatron-core, no torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional
 
 from ..errors import RunError
-from .arch import LlamaArch
+from .arch import LlamaArch, Rules, is_off, refuse_unimplemented
 
 # megatron-core applies Llama-3.x RoPE scaling with these constants; only the factor is configurable.
 MCORE_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-def _off(v: Any) -> bool:
-    return v is None or v is False or v == 0
 
 
 def _is(value: Any) -> Callable[[Any], bool]:
@@ -38,68 +34,57 @@ def _silu(v: Any) -> bool:
 
 # field -> (test of the implemented value, what is implemented), for the fields both records share
 # (TransformerConfig's names): mcore's local GPT layer with RMSNorm, SwiGLU, no biases, plain causal attention.
-IMPLEMENTED: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+IMPLEMENTED: Rules = {
     "normalization": (_is("RMSNorm"), "RMSNorm"),
-    "layernorm_zero_centered_gamma": (_off, "false"),
-    "apply_residual_connection_post_layernorm": (_off, "false"),
-    "add_bias_linear": (_off, "false (no biases)"),
-    "add_qkv_bias": (_off, "false (no biases)"),
-    "qk_layernorm": (_off, "false"),
-    "qk_l2_norm": (_off, "false"),
-    "attention_output_gate": (_off, "false"),
-    "multi_latent_attention": (_off, "false"),
-    "experimental_attention_variant": (_off, "none"),
-    "linear_attention_freq": (_off, "none"),
+    "layernorm_zero_centered_gamma": (is_off, "false"),
+    "apply_residual_connection_post_layernorm": (is_off, "false"),
+    "add_bias_linear": (is_off, "false (no biases)"),
+    "add_qkv_bias": (is_off, "false (no biases)"),
+    "qk_layernorm": (is_off, "false"),
+    "qk_l2_norm": (is_off, "false"),
+    "attention_output_gate": (is_off, "false"),
+    "multi_latent_attention": (is_off, "false"),
+    "experimental_attention_variant": (is_off, "none"),
+    "linear_attention_freq": (is_off, "none"),
     "softmax_type": (_is("vanilla"), "vanilla"),
-    "softmax_scale": (_off, "none (1 / sqrt(kv_channels))"),
-    "window_size": (_off, "none (full causal attention)"),
-    "window_attn_skip_freq": (_off, "none"),
+    "softmax_scale": (is_off, "none (1 / sqrt(kv_channels))"),
+    "window_size": (is_off, "none (full causal attention)"),
+    "window_attn_skip_freq": (is_off, "none"),
     "position_embedding_type": (_is("rope"), "rope"),
     "rotary_percent": (_is(1.0), "1.0"),
-    "rotary_interleaved": (_off, "false"),
-    "no_rope_freq": (_off, "none (RoPE in every layer)"),
-    "glu_linear_offset": (_off, "0"),
-    "activation_func_clamp_value": (_off, "none"),
-    "is_hybrid_model": (_off, "false"),
-    "heterogeneous_block_specs": (_off, "false"),
-    "fp8_param": (_off, "false (weights in fp32 / bf16 / fp16)"),
-    "fp4_param": (_off, "false (weights in fp32 / bf16 / fp16)"),
+    "rotary_interleaved": (is_off, "false"),
+    "no_rope_freq": (is_off, "none (RoPE in every layer)"),
+    "glu_linear_offset": (is_off, "0"),
+    "activation_func_clamp_value": (is_off, "none"),
+    "is_hybrid_model": (is_off, "false"),
+    "heterogeneous_block_specs": (is_off, "false"),
+    "fp8_param": (is_off, "false (weights in fp32 / bf16 / fp16)"),
+    "fp4_param": (is_off, "false (weights in fp32 / bf16 / fp16)"),
 }
 # Megatron-LM's own argument names (its args keep every argument of the run).
-IMPLEMENTED_ARGS = {
+IMPLEMENTED_ARGS: Rules = {
     "swiglu": (_is(True), "true (SwiGLU)"),
-    "squared_relu": (_off, "false"),
-    "quick_geglu": (_off, "false"),
-    "apply_layernorm_1p": (_off, "false"),
-    "num_experts": (_off, "none (dense MLP)"),
+    "squared_relu": (is_off, "false"),
+    "quick_geglu": (is_off, "false"),
+    "apply_layernorm_1p": (is_off, "false"),
+    "num_experts": (is_off, "none (dense MLP)"),
     "rope_type": (lambda v: v in (None, "rope"), "rope"),
-    "rotary_seq_len_interpolation_factor": (_off, "none"),
-    "hybrid_layer_pattern": (_off, "none"),
-    "hybrid_override_pattern": (_off, "none"),
-    "heterogeneous_layers_config_path": (_off, "none"),
-    "heterogeneous_layers_config_encoded_json": (_off, "none"),
-    "fp8_param_gather": (_off, "false (weights in fp32 / bf16 / fp16)"),
+    "rotary_seq_len_interpolation_factor": (is_off, "none"),
+    "hybrid_layer_pattern": (is_off, "none"),
+    "hybrid_override_pattern": (is_off, "none"),
+    "heterogeneous_layers_config_path": (is_off, "none"),
+    "heterogeneous_layers_config_encoded_json": (is_off, "none"),
+    "fp8_param_gather": (is_off, "false (weights in fp32 / bf16 / fp16)"),
 }
 # Bridge's model provider (a TransformerConfig subclass).
-IMPLEMENTED_BRIDGE = {
+IMPLEMENTED_BRIDGE: Rules = {
     "gated_linear_unit": (_is(True), "true (SwiGLU)"),
     "activation_func": (_silu, "torch.nn.functional.silu"),
-    "num_moe_experts": (_off, "none (dense MLP)"),
-    "seq_len_interpolation_factor": (_off, "none"),
+    "num_moe_experts": (is_off, "none (dense MLP)"),
+    "seq_len_interpolation_factor": (is_off, "none"),
 }
 # Fields without which the record cannot say it is a Llama: a release that lacks them defaults otherwise.
 REQUIRED = ("normalization", "position_embedding_type", "add_bias_linear")
-
-
-def _shown(v: Any) -> str:
-    return repr(v.get("_target_", v)) if isinstance(v, Mapping) else repr(v)
-
-
-def _audit(fields: Mapping[str, Any], rules: Mapping[str, Tuple[Callable[[Any], bool], str]], where: str) -> None:
-    for name, (ok, implemented) in rules.items():
-        if name in fields and not ok(fields[name]):
-            raise RunError(f"{where}: {name}={_shown(fields[name])} is not implemented "
-                           f"(star-mcore runs Llama: {name} = {implemented})")
 
 
 def _need(fields: Mapping[str, Any], name: str, where: str) -> Any:
@@ -115,7 +100,7 @@ def arch_from_megatron(fields: Mapping[str, Any], kind: str, where: str, vocab_r
     rules = {**IMPLEMENTED, **(IMPLEMENTED_ARGS if kind == "args" else IMPLEMENTED_BRIDGE)}
     for name in REQUIRED + (("swiglu",) if kind == "args" else ("gated_linear_unit", "activation_func")):
         _need(fields, name, where)
-    _audit(fields, rules, where)
+    refuse_unimplemented(fields, rules, where)
     hidden = int(_need(fields, "hidden_size", where))
     heads = int(_need(fields, "num_attention_heads", where))
     if kind == "args":  # Megatron-LM uses num_query_groups only with --group-query-attention

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ..errors import RunError, unreadable
-from .arch import LlamaArch
+from .arch import LlamaArch, tp_shard, vocab_shard
 
 if TYPE_CHECKING:
     from .llama import StarLlama
@@ -269,7 +269,7 @@ def _used_names(ckpt: DcpCheckpoint, arch: LlamaArch) -> Dict[str, Tuple[int, ..
     return used
 
 
-def vocab_rows(ckpt: DcpCheckpoint) -> int:
+def saved_vocab_rows(ckpt: DcpCheckpoint) -> int:
     md = ckpt.tensor("embedding.word_embeddings.weight")
     if md is None:
         raise RunError(f"{ckpt.path}: no embedding.word_embeddings.weight (not a GPT model checkpoint)")
@@ -281,7 +281,7 @@ def check_weights(ckpt: DcpCheckpoint, arch: LlamaArch) -> None:
     a tensor the model would not read (a bias, a q/k norm, an expert) is refused by name; a tied embedding
     with a saved output layer, or an untied one without, is refused."""
     used = _used_names(ckpt, arch)
-    rows = vocab_rows(ckpt)
+    rows = saved_vocab_rows(ckpt)
     used["embedding.word_embeddings.weight"] = (rows, arch.hidden_size)
     head = ckpt.tensor("output_layer.weight")
     if arch.tie_word_embeddings and head is not None:
@@ -307,11 +307,6 @@ def check_weights(ckpt: DcpCheckpoint, arch: LlamaArch) -> None:
                            "are read")
 
 
-def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
-    per = n // tp
-    return tp_rank * per, (tp_rank + 1) * per
-
-
 @torch.no_grad()
 def load_megatron_llama(model: "StarLlama", ckpt: DcpCheckpoint, tp_rank: int, tp: int) -> None:
     """Copy this TP rank's boxes of the checkpoint's global tensors into ``model``'s parameters, converting
@@ -328,8 +323,7 @@ def load_megatron_llama(model: "StarLlama", ckpt: DcpCheckpoint, tp_rank: int, t
     def vocab(ours: str, fqn: str) -> None:
         # This rank's rows of the vocabulary, padded to the model's (TP-divisible) size with zero rows.
         dst = params[ours]
-        r0 = tp_rank * dst.shape[0]
-        n = max(0, min(dst.shape[0], a.vocab_size - r0))
+        r0, n = vocab_shard(dst.shape[0], tp_rank, a.vocab_size)
         dst[n:].zero_()
         filled.add(ours)
         if n:
@@ -337,9 +331,9 @@ def load_megatron_llama(model: "StarLlama", ckpt: DcpCheckpoint, tp_rank: int, t
 
     vocab("embedding.word_embeddings.weight", "embedding.word_embeddings.weight")
     ng, qpg, hd = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
-    g0, _ = _shard(ng, tp_rank, tp)
-    f0, f1 = _shard(a.intermediate_size, tp_rank, tp)
-    c0, _ = _shard(a.num_heads * hd, tp_rank, tp)
+    g0, _ = tp_shard(ng, tp_rank, tp)
+    f0, f1 = tp_shard(a.intermediate_size, tp_rank, tp)
+    c0, _ = tp_shard(a.num_heads * hd, tp_rank, tp)
     for i in range(a.num_layers):
         def put(ours: str, offsets: Tuple[int, ...], dest: Tensor) -> None:
             t = _layer_tensor(ckpt, i, ours, a.num_layers)
