@@ -153,8 +153,10 @@ def bridge_run_config(tp: int) -> dict:
     }
 
 
-def _save_rank(variant: str, padded: str, out: str, tp: int) -> None:
-    """One rank: the model at TP ``tp`` with the padded weights, saved by megatron-core into ``out``."""
+def save_rank(hf: str, out: str, tp: int, state: dict, local_names: bool = False) -> None:
+    """One rank of a TP ``tp`` world: the HF checkpoint ``hf`` loaded into this project's model in bf16, saved
+    by megatron-core's ``dist_checkpointing.save`` into ``out`` with ``state`` (the common entries) beside
+    ``model``. ``local_names``: without mcore's local-spec key map (the norms keep their own names)."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -163,20 +165,16 @@ def _save_rank(variant: str, padded: str, out: str, tp: int) -> None:
     from star_mcore.model.llama import StarLlama
     from star_mcore.parallel.groups import destroy_parallel, init_process_group, initialize_parallel
 
-    device = init_process_group("cpu", 120)
-    groups = initialize_parallel(tp, 1, device, 120)
-    model = StarLlama(LlamaArch.from_hf_dir(padded), groups, "bf16")
-    load_hf_llama(model, padded, groups.tp_rank, tp)
-    if variant == "bridge":  # without mcore's local-spec map: the norms saved under their own names
+    device = init_process_group("cpu", 600)
+    groups = initialize_parallel(tp, 1, device, 600)
+    model = StarLlama(LlamaArch.from_hf_dir(hf), groups, "bf16")
+    load_hf_llama(model, hf, groups.tp_rank, tp)
+    if local_names:
         for layer in model.gpt.decoder.layers:
             layer.submodules_config.sharded_state_dict_keys_map = {}
     metadata = {"dp_cp_group": groups.pg_collection.dp_cp, "singleton_local_shards": False,
                 "chained_optim_avoid_prefix": True}
-    it = VARIANTS[variant][2]
-    state = {"checkpoint_version": 3.0, "iteration": it, "model": model.gpt.sharded_state_dict(metadata=metadata)}
-    if variant == "megatron-lm":
-        state["args"] = megatron_lm_args(tp)
-        state["num_floating_point_operations_so_far"] = 0
+    state = {**state, "model": model.gpt.sharded_state_dict(metadata=metadata)}
     torch.cuda.synchronize = lambda *a, **k: None  # the CPU assumptions named in the module docstring
     torch.cuda.current_device = lambda: "cpu"
     dist_checkpointing.save(state, out, content_metadata={k: v for k, v in metadata.items() if k != "dp_cp_group"})
@@ -200,7 +198,10 @@ def make(variant: str, root: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         ref = reference_hf(Path(tmp) / "hf", variant)
         _padded_copy(ref, Path(tmp) / "padded")
-        run_world(tp, _save_rank, variant, str(Path(tmp) / "padded"), str(it_dir), tp)
+        state = {"checkpoint_version": 3.0, "iteration": it}
+        if variant == "megatron-lm":
+            state.update(args=megatron_lm_args(tp), num_floating_point_operations_so_far=0)
+        run_world(tp, save_rank, str(Path(tmp) / "padded"), str(it_dir), tp, state, variant == "bridge")
     if variant == "bridge":
         import yaml
 
