@@ -151,6 +151,13 @@ def test_iteration_from_the_tracker_or_by_number(tmp_path):
     assert _refusal(megatron_path=str(tmp_path)) == (
         f"checkpoint.megatron_path={tmp_path}: {tmp_path}: neither a torch_dist checkpoint (no metadata.json) nor "
         "a save directory (no latest_checkpointed_iteration.txt)")
+    (tmp_path / "iter_0000001" / "mp_rank_00").mkdir(parents=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1\n")
+    for path in (tmp_path, tmp_path / "iter_0000001"):
+        assert _refusal(megatron_path=str(path)) == (
+            f"checkpoint.megatron_path={path}: {tmp_path / 'iter_0000001'}: a legacy 'torch' checkpoint "
+            "(mp_rank_*/model_optim_rng.pt); only ckpt_format torch_dist is read (Megatron-LM: --ckpt-format "
+            "torch_dist, or convert it)")
 
 
 # --- refusals: Megatron-LM's args, Bridge's run_config.yaml, HF's config.json ----------------------------------

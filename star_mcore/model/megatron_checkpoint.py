@@ -65,7 +65,7 @@ def iteration_dir(path: str | Path, iteration: int = -1) -> Path:
     """The iteration directory ``path`` names: itself, or in a save directory ``iter_{iteration:07d}`` (-1: the
     one its tracker file names; ``release`` where it says so)."""
     path = Path(path)
-    if (path / "metadata.json").is_file() or (path / ".metadata").is_file():
+    if (path / "metadata.json").is_file() or (path / ".metadata").is_file() or any(path.glob("mp_rank_*")):
         if iteration != -1:
             raise RunError(f"{path} is an iteration directory; checkpoint.iteration={iteration} applies to the save "
                            "directory above it")
@@ -153,7 +153,7 @@ class DcpCheckpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         meta = path / "metadata.json"
-        if (path / "mp_rank_00").is_dir() or any(path.glob("mp_rank_*")):
+        if any(path.glob("mp_rank_*")):
             raise RunError(f"{path}: a legacy 'torch' checkpoint (mp_rank_*/model_optim_rng.pt); only ckpt_format "
                            "torch_dist is read (Megatron-LM: --ckpt-format torch_dist, or convert it)")
         if meta.is_file():
