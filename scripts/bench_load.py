@@ -1,18 +1,22 @@
 """Host memory of the checkpoint load: each rank of a real gloo world (CPU) builds a bf16 StarLlama and fills it
-with ``load_hf_llama``; a thread samples /proc/self/status (RssAnon, RssFile, VmRSS) every few ms while it
-loads. Reported per rank next to the bytes of that rank's weights and of the whole checkpoint.
+with its checkpoint's loader (``load_hf_llama``; with ``--megatron`` also ``load_megatron_llama``); a thread
+samples /proc/self/status (RssAnon, RssFile, VmRSS) every few ms while it loads. Reported per rank next to the
+bytes of that rank's weights and of the whole checkpoint.
 
 Checkpoints (generated under --workdir, never in the repository):
 - ``tiny``: make_tiny_llama's defaults (fp32, one model.safetensors, no index) -- the fp32 -> bf16 path;
 - ``mid``: a random ~1.1B-parameter Llama in bf16 (hidden 2048, 16 layers, 32 / 8 KV heads, intermediate 8192,
   vocab 32000), several shard files + model.safetensors.index.json, written tensor by tensor by a streaming
-  safetensors writer (the generator holds one tensor at a time).
+  safetensors writer (the generator holds one tensor at a time);
+- ``mid-megatron`` (``--megatron``): ``mid`` saved at TP 2 by megatron-core's ``dist_checkpointing.save``
+  (scripts/make_megatron_checkpoints.py's ``save_rank``; no saved args, so loaded with ``checkpoint.hf_config``),
+  loaded at every world's TP: the resharding path.
 
 Worlds: TP=1, TP=2, TP=1 x CP=2 (CP ranks hold full TP shards). ``--naive`` adds, at TP=2, the same loader with
 its reader swapped for one that first loads every shard whole (``load_file``: mmapped whole tensors; and
 ``read_bytes``: each file read into memory), for contrast.
 
-    python scripts/bench_load.py --out docs/bench/load_memory.json --workdir /tmp/star-load --naive
+    python scripts/bench_load.py --out docs/bench/load_memory.json --workdir /tmp/star-load --naive --megatron
     python scripts/plot_bench.py docs/bench
 """
 
@@ -42,6 +46,7 @@ from distributed import run_world  # noqa: E402  (the tests' spawner: one proces
 
 MID = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8)
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+WEIGHT_GLOBS = ("*.safetensors", "*.distcp")
 MIB = 2**20
 
 
@@ -146,9 +151,13 @@ def checkpoint_info(path: Path) -> dict:
             "config": json.loads((path / "config.json").read_text())}
 
 
+def weight_files(path: Path) -> List[Path]:
+    return sorted(f for g in WEIGHT_GLOBS for f in path.glob(g))
+
+
 def drop_page_cache(path: Path) -> None:
     """Evict the checkpoint's (clean, unmapped) pages from the page cache: every load starts cold."""
-    for f in path.glob("*.safetensors"):
+    for f in weight_files(path):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -160,7 +169,7 @@ def page_cache_bytes(path: Path) -> Optional[int]:
     """Bytes of the checkpoint's files in the page cache (util-linux fincore), None without it."""
     try:
         out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                              *map(str, sorted(path.glob("*.safetensors")))],
+                              *map(str, weight_files(path))],
                              capture_output=True, text=True, check=True)
         return sum(int(x) for x in out.stdout.split())
     except (OSError, subprocess.CalledProcessError, ValueError):
@@ -225,11 +234,13 @@ class NaiveReader:
         return t[r, c] if t.dim() == 2 else t[r]
 
 
-def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> dict:
-    """One rank: build the bf16 model (as inference.runner does), then measure ``load_hf_llama``."""
+def load_worker(ckpt: dict, tp: int, cp: int, method: str, period_s: float) -> dict:
+    """One rank: open ``ckpt`` (CheckpointConfig fields) and build the bf16 model as inference.runner does, then
+    measure the checkpoint's load."""
     sys.setswitchinterval(period_s / 2)  # let the sampler thread in often while the loader runs Python
-    from star_mcore.model import hf_checkpoint
-    from star_mcore.model.arch import LlamaArch
+    from star_mcore.config import CheckpointConfig
+    from star_mcore.model import hf_checkpoint, megatron_checkpoint
+    from star_mcore.model.checkpoint import open_checkpoint
     from star_mcore.model.llama import StarLlama
     from star_mcore.parallel.groups import destroy_parallel, init_process_group, initialize_parallel
 
@@ -238,7 +249,8 @@ def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> di
     try:
         gc.collect()
         before_model = proc_status()
-        model = StarLlama(LlamaArch.from_hf_dir(ckpt), groups, "bf16")  # parameters allocated, not yet touched
+        opened = open_checkpoint(CheckpointConfig(**ckpt))
+        model = StarLlama(opened.arch, groups, "bf16")  # parameters allocated, not yet touched
         params = list(model.gpt.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in params)
         reads = {"calls": 0, "bytes": 0, "largest": 0}
@@ -254,13 +266,23 @@ def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> di
 
             def read(self, name, rows=None, cols=None):
                 t = self._r.read(name, rows=rows, cols=cols)
-                n = t.numel() * t.element_size()
-                reads["calls"] += 1
-                reads["bytes"] += n
-                reads["largest"] = max(reads["largest"], n)
+                count(t.numel() * t.element_size())
                 return t
 
+        def count(n: int) -> None:
+            reads["calls"] += 1
+            reads["bytes"] += n
+            reads["largest"] = max(reads["largest"], n)
+
+        dcp_read = megatron_checkpoint.DcpCheckpoint.read
+
+        def counting_dcp_read(self, boxes, wants):  # the Megatron loader's one request: every box of this rank
+            for _, _, dest in wants:
+                count(dest.numel() * dest.element_size())
+            return dcp_read(self, boxes, wants)
+
         hf_checkpoint.SafetensorsReader = CountingReader
+        megatron_checkpoint.DcpCheckpoint.read = counting_dcp_read
         torch.distributed.barrier()
         gc.collect()
         baseline = proc_status()
@@ -269,7 +291,7 @@ def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> di
         sampler = Sampler(period_s)
         sampler.start()
         t0 = time.perf_counter()
-        hf_checkpoint.load_hf_llama(model, ckpt, groups.tp_rank, tp)
+        opened.load(model, groups.tp_rank, tp)
         load_s = time.perf_counter() - t0
         gc.collect()
         peak = sampler.stop()
@@ -287,10 +309,12 @@ def load_worker(ckpt: str, tp: int, cp: int, method: str, period_s: float) -> di
         destroy_parallel()
 
 
-def measure(name: str, path: Path, info: dict, tp: int, cp: int, method: str, period_s: float) -> List[dict]:
+def measure(name: str, path: Path, info: dict, tp: int, cp: int, method: str, period_s: float,
+            ckpt: Optional[dict] = None) -> List[dict]:
+    """``ckpt``: the CheckpointConfig fields (default: ``hf_path=path``); ``path``: where its weight files are."""
     drop_page_cache(path)
     cached_before = page_cache_bytes(path)
-    ranks = run_world(tp * cp, load_worker, str(path), tp, cp, method, period_s, timeout=1800)
+    ranks = run_world(tp * cp, load_worker, ckpt or {"hf_path": str(path)}, tp, cp, method, period_s, timeout=1800)
     cached_after = page_cache_bytes(path)
     rows = []
     for r in ranks:
@@ -317,6 +341,7 @@ def main() -> None:
     ap.add_argument("--naive", action="store_true", help="also the load-every-shard-whole contrast, at TP=2")
     ap.add_argument("--period-ms", type=float, default=2.0)
     ap.add_argument("--smoke", action="store_true", help="a small 'mid' (2 layers, hidden 256): checks the script")
+    ap.add_argument("--megatron", action="store_true", help="also 'mid' saved as a Megatron torch_dist checkpoint")
     args = ap.parse_args()
     work = Path(args.workdir)
     mid = dict(MID, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=4,
@@ -349,6 +374,27 @@ def main() -> None:
         if args.naive:
             for method in ("naive_load_file", "naive_read_bytes"):
                 results["rows"] += measure(name, path, info, 2, 1, method, args.period_ms / 1e3)
+        if args.megatron and name == "mid":
+            save = path.with_name(path.name + "-megatron")
+            it_dir = save / "iter_0000001"
+            if not (it_dir / "metadata.json").exists():
+                import make_megatron_checkpoints
+
+                t = time.perf_counter()
+                it_dir.mkdir(parents=True)
+                run_world(2, make_megatron_checkpoints.save_rank, str(path), str(it_dir), 2,
+                          {"checkpoint_version": 3.0, "iteration": 1}, timeout=3600)
+                (save / "latest_checkpointed_iteration.txt").write_text("1")
+                print(f"saved {save} (TP 2) in {time.perf_counter() - t:.1f}s", flush=True)
+            files = weight_files(it_dir)
+            results["checkpoints"][save.name] = {"path": str(save), "files": [f.name for f in files],
+                                                 "file_bytes": sum(f.stat().st_size for f in files),
+                                                 "saved_tp": 2, "params": info["params"]}
+            for world in args.worlds.split(","):
+                tp, cp = map(int, world.split("x"))
+                results["rows"] += measure(save.name, it_dir, results["checkpoints"][save.name], tp, cp, "megatron",
+                                           args.period_ms / 1e3, {"megatron_path": str(save),
+                                                                  "hf_config": str(path / "config.json")})
     benchlib.write_json(args.out, results)
 
 

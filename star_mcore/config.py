@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -25,7 +25,13 @@ ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudn
 
 @dataclass
 class CheckpointConfig:
-    hf_path: str = MISSING  # HF Llama directory: config.json + *.safetensors (+ tokenizer for text requests)
+    """Exactly one of ``hf_path`` and ``megatron_path``."""
+
+    hf_path: str = ""  # HF Llama directory: config.json + *.safetensors (+ tokenizer for text requests)
+    megatron_path: str = ""  # torch_dist checkpoint: an iter_XXXXXXX directory, or the save directory above it
+    iteration: int = -1  # megatron_path is a save directory: which iter_XXXXXXX; -1 = the latest (its tracker file)
+    hf_config: str = ""  # megatron_path: a config.json giving the architecture, where the checkpoint has none
+    tokenizer_path: str = ""  # megatron_path: tokenizer directory (default: the checkpoint's tokenizer/, if any)
 
 
 @dataclass
@@ -124,9 +130,6 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {_one_line(e)}") from None
@@ -147,6 +150,14 @@ def validate(cfg: RunConfig) -> None:
          f"inference.anchor_mode must be one of {', '.join(ANCHOR_MODES)}, got {inf.anchor_mode!r}")
     need(inf.partition in PARTITIONS,
          f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
+    ck = cfg.checkpoint
+    need(bool(ck.hf_path) != bool(ck.megatron_path),
+         "set exactly one of checkpoint.hf_path and checkpoint.megatron_path"
+         + (f" (got both: {ck.hf_path!r}, {ck.megatron_path!r})" if ck.hf_path and ck.megatron_path else ""))
+    for key in ("iteration", "hf_config", "tokenizer_path"):
+        need(ck.megatron_path or getattr(ck, key) == getattr(CheckpointConfig, key),
+             f"checkpoint.{key} applies to checkpoint.megatron_path only")
+    need(ck.iteration >= -1, f"checkpoint.iteration must be >= 0, or -1 for the latest, got {ck.iteration}")
     need(m.precision in PRECISIONS, f"model.precision must be one of {', '.join(PRECISIONS)}, got {m.precision!r}")
     need(m.transformer_impl in TRANSFORMER_IMPLS,
          f"model.transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {m.transformer_impl!r}")

@@ -44,9 +44,22 @@ def test_bad_values_are_refused_with_the_key(overrides, message):
     assert "\n" not in str(e.value)
 
 
-def test_missing_required_values_are_named():
-    with pytest.raises(ConfigError, match="missing required config value.*checkpoint.hf_path"):
-        load_config(DEMO, [])
+def test_exactly_one_checkpoint_path():
+    for overrides, message in (
+            ([], "set exactly one of checkpoint.hf_path and checkpoint.megatron_path"),
+            (["checkpoint.hf_path=/a", "checkpoint.megatron_path=/b"],
+             "set exactly one of checkpoint.hf_path and checkpoint.megatron_path (got both: '/a', '/b')"),
+            (["checkpoint.hf_path=/a", "checkpoint.iteration=100"],
+             "checkpoint.iteration applies to checkpoint.megatron_path only"),
+            (["checkpoint.hf_path=/a", "checkpoint.tokenizer_path=/t"],
+             "checkpoint.tokenizer_path applies to checkpoint.megatron_path only"),
+            (["checkpoint.megatron_path=/b", "checkpoint.iteration=-2"],
+             "checkpoint.iteration must be >= 0, or -1 for the latest, got -2")):
+        with pytest.raises(ConfigError) as e:
+            load_config(DEMO, overrides)
+        assert str(e.value) == message
+    cfg = load_config(DEMO, ["checkpoint.megatron_path=/b", "checkpoint.iteration=100", "checkpoint.hf_config=/c"])
+    assert (cfg.checkpoint.megatron_path, cfg.checkpoint.iteration, cfg.checkpoint.hf_path) == ("/b", 100, "")
 
 
 def test_eval_section_and_paths_that_only_some_commands_need():

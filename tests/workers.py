@@ -104,27 +104,11 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
                            "param_bytes": sum(p.numel() * p.element_size() for p in model.gpt.parameters()),
                            "output_layer_weight": model.gpt.output_layer.weight is not None}
     try:
-        for c in cases:
-            eng = Engine(model, groups, InferenceConfig(
-                context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
-                tokens_to_generate=c["n"],
-                attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
-                partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
-            gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
-            r = {"tokens": gen.generated_ids}
-            if gen.first_step_logits is not None:
-                r["logits"] = gen.first_step_logits.tolist()
-            res["cases"][c["name"]] = r
+        res.update(run_cases(groups, model, cases, full_logits_ids, backend))
         for c in kv_pairs:
             res["kv_pairs"][c["name"]] = shared_vs_recompute_kv(groups, model, c)
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
-        if full_logits_ids is not None:
-            ids = torch.tensor(full_logits_ids)
-            seq = _pool(model, len(ids)).allocate(len(ids))
-            with torch.inference_mode(), model.attending(EncodeSegment(math_attention, seq)):
-                model.runtime.reset_guard(model.device)
-                res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
     finally:
         destroy_parallel()
     return res
@@ -135,6 +119,74 @@ def _pool(model, tokens: int, page: int = 16) -> KVPool:
     tp = model.tp.size()
     return KVPool(model.arch.num_layers, 2 + -(-tokens // page), page, model.arch.num_kv_heads // tp,
                   model.arch.head_dim, model.dtype, model.device)
+
+
+def run_cases(groups, model, cases: List[dict], full_logits_ids: Optional[List[int]] = None,
+              backend: str = "auto") -> dict:
+    """:func:`battery`'s ``cases`` and ``full_logits_ids`` on a loaded model: {"cases": ..., "full_logits"?}."""
+    res: Dict[str, Any] = {"cases": {}}
+    for c in cases:
+        eng = Engine(model, groups, InferenceConfig(
+            context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
+            tokens_to_generate=c["n"],
+            attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
+            partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
+        gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
+        r = {"tokens": gen.generated_ids}
+        if gen.first_step_logits is not None:
+            r["logits"] = gen.first_step_logits.tolist()
+        res["cases"][c["name"]] = r
+    if full_logits_ids is not None:
+        ids = torch.tensor(full_logits_ids)
+        seq = _pool(model, len(ids)).allocate(len(ids))
+        with torch.inference_mode(), model.attending(EncodeSegment(math_attention, seq)):
+            model.runtime.reset_guard(model.device)
+            res["full_logits"] = model.logits(model.hidden(ids, torch.arange(len(ids)))).tolist()
+    return res
+
+
+def checkpoints_battery(checkpoints: List[dict], tp: int, cp: int, cases: List[dict] = (),
+                        full_logits_ids: Optional[List[int]] = None) -> Dict[str, dict]:
+    """:func:`run_cases` on each checkpoint ({name, config: CheckpointConfig fields}), opened and loaded as the
+    runner does (``open_checkpoint``: HF or Megatron), in fp32, one world for all of them; with a Megatron
+    checkpoint also ``requested``: the elements of the boxes this rank asked the checkpoint for."""
+    from star_mcore.config import CheckpointConfig
+    from star_mcore.model import megatron_checkpoint
+    from star_mcore.model.checkpoint import open_checkpoint
+
+    requested: List[int] = []
+    read = megatron_checkpoint.DcpCheckpoint.read
+
+    def spy(self, boxes, wants):
+        requested.append(sum(dest.numel() for _, _, dest in wants))
+        return read(self, boxes, wants)
+
+    megatron_checkpoint.DcpCheckpoint.read = spy
+    groups = initialize_parallel(tp, cp, init_process_group("cpu", 120), 120)
+    out = {}
+    try:
+        for c in checkpoints:
+            ckpt = open_checkpoint(CheckpointConfig(**c["config"]))
+            model = StarLlama(ckpt.arch, groups, "fp32")
+            requested.clear()
+            ckpt.load(model, groups.tp_rank, tp)
+            out[c["name"]] = {**run_cases(groups, model, cases, full_logits_ids), "requested": sum(requested)}
+    finally:
+        destroy_parallel()
+    return out
+
+
+def preflight_error(config: str, overrides: List[str]) -> str:
+    """This rank's one-line refusal from the runner's checks before any process group (or "" if none)."""
+    from star_mcore.config import load_config
+    from star_mcore.errors import UserError
+    from star_mcore.inference.preflight import preflight
+
+    try:
+        preflight(load_config(config, overrides))
+    except UserError as e:
+        return str(e)
+    return ""
 
 
 def shared_vs_recompute_kv(groups, model, c: dict) -> dict:

@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, RunError
 from ..inference.requests import ResultWriter, read_records
 from ..inference.runner import log, open_session, preflight
+from ..model.checkpoint import open_checkpoint
 from ..ops.layout import star_layout
 from .settings import complete_setting, setting_of
 from .tasks import Task, select
@@ -76,10 +77,9 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
         raise ConfigError("eval.output_path is required for eval")
     tasks, data, skipped = _tasks_and_data(cfg, benchmark)
     arch = preflight(cfg)
-    ckpt = Path(cfg.checkpoint.hf_path)
+    ckpt = Path(open_checkpoint(cfg.checkpoint).tokenizer_dir)
     if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        raise RunError(f"checkpoint.hf_path={ckpt}: eval writes text prompts and needs the checkpoint's tokenizer "
-                       "(tokenizer.json)")
+        raise RunError(f"{ckpt}: eval writes text prompts and needs the checkpoint's tokenizer (tokenizer.json)")
     budget = {t.name: ev.tokens_to_generate or t.tokens_to_generate for t in tasks}
     longest = max(ev.lengths) + max(budget.values())
     if longest > arch.max_position_embeddings:
@@ -120,7 +120,7 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
                             break
                         ctx, qry = tok.prompt(sample.context, sample.query)  # the chat template, if configured
                         if max(ctx + qry) >= arch.vocab_size:
-                            raise RunError(f"checkpoint.hf_path={ckpt}: the tokenizer's ids exceed the model's "
+                            raise RunError(f"{ckpt}: the tokenizer's ids exceed the model's "
                                            f"vocabulary ({arch.vocab_size})")
                         gen = s.engine.generate(torch.tensor(ctx), torch.tensor(qry),
                                                 tokens_to_generate=budget[task.name])

@@ -17,7 +17,7 @@ _DEFAULTS = {k: v for k, v in dataclasses.asdict(InferenceConfig()).items() if k
 def setting_of(cfg: RunConfig) -> Dict[str, Any]:
     """What makes a result: model, hosts, mode and its sizes (every other inference key too), seed, budget."""
     inf = {k: v for k, v in dataclasses.asdict(cfg.inference).items() if k not in _NOT_SETTING}
-    return {"model": cfg.checkpoint.hf_path, "hosts": cfg.model.context_parallel_size,
+    return {"model": cfg.checkpoint.hf_path or cfg.checkpoint.megatron_path, "hosts": cfg.model.context_parallel_size,
             "precision": cfg.model.precision, **inf, "seed": cfg.eval.seed,
             "tokens_to_generate": cfg.eval.tokens_to_generate}
 

@@ -5,7 +5,6 @@ these checks and starts in a second or two); the launched part of :func:`preflig
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from ..config import RunConfig
 from ..errors import RunError
 from ..model.arch import LlamaArch
+from ..model.checkpoint import open_checkpoint
 from ..ops.attention import resolve_backend
 from .requests import Tokenizer, parse_request, read_lines
 
@@ -20,17 +20,11 @@ from .requests import Tokenizer, parse_request, read_lines
 def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
     """What every command can check before process groups and weights exist (``launched``: also that the
     world size matches TP x CP, which only holds inside the job)."""
-    ckpt = Path(cfg.checkpoint.hf_path)
-    if not (ckpt / "config.json").is_file():
-        raise RunError(f"checkpoint.hf_path={ckpt}: not an HF checkpoint directory (no config.json)")
-    try:
-        arch = LlamaArch.from_hf_dir(ckpt)
-    except (ValueError, KeyError) as e:
-        raise RunError(f"checkpoint.hf_path={ckpt}: cannot read config.json: {e}") from None
-    if not any(ckpt.glob("*.safetensors")):
-        raise RunError(f"checkpoint.hf_path={ckpt}: no *.safetensors weights")
-    if cfg.inference.apply_chat_template and not Tokenizer(str(ckpt)).has_chat_template():
-        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {ckpt} has no chat template")
+    ckpt = open_checkpoint(cfg.checkpoint)  # the architecture, read and checked against what is implemented
+    arch = ckpt.arch
+    if cfg.inference.apply_chat_template and not Tokenizer(ckpt.tokenizer_dir).has_chat_template():
+        raise RunError(f"inference.apply_chat_template=true, but the tokenizer in {ckpt.tokenizer_dir} has no chat "
+                       "template")
     tp, cp = cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched and world != tp * cp:
@@ -54,12 +48,13 @@ def preflight(cfg: RunConfig, launched: bool = True) -> LlamaArch:
             resolve_backend(cfg.inference.attention_backend, device, DTYPES[cfg.model.precision])
         except ValueError as e:
             raise RunError(f"inference.attention_backend={cfg.inference.attention_backend}: {e}") from None
+    ckpt.check_files()  # every weight file there, whole and readable: named here, on every rank, not mid-load
     return arch
 
 
 def longest_request(cfg: RunConfig, arch: LlamaArch) -> Optional[Tuple[int, int]]:
     """(context, query) tokens of the input's longest valid request, for the memory planner."""
-    tok = Tokenizer(cfg.checkpoint.hf_path, chat=cfg.inference.apply_chat_template)
+    tok = Tokenizer(open_checkpoint(cfg.checkpoint).tokenizer_dir, chat=cfg.inference.apply_chat_template)
     best = None
     for line_no, line in read_lines(cfg.inference.input_path):
         req = parse_request(line, line_no, tok, arch.vocab_size, arch.max_position_embeddings, cfg.inference)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..errors import ConfigError, RunError, UserError
 from ..model.arch import LlamaArch
-from ..model.hf_checkpoint import load_hf_llama
+from ..model.checkpoint import open_checkpoint
 from ..model.llama import StarLlama
 from ..parallel.groups import ParallelGroups, destroy_parallel, init_process_group, initialize_parallel
 from ..parallel.watchdog import Watchdog
@@ -81,9 +81,10 @@ def open_session(cfg: RunConfig, arch: LlamaArch, tokenizer: Optional[Tokenizer]
         groups = initialize_parallel(cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size,
                                      device, cfg.distributed.timeout_s)
         model = StarLlama(arch, groups, cfg.model.precision, cfg.model.transformer_impl)
-        load_hf_llama(model, cfg.checkpoint.hf_path, groups.tp_rank, groups.tp.size())
+        ckpt = open_checkpoint(cfg.checkpoint)  # HF or Megatron: the loader and tokenizer of the checkpoint
+        ckpt.load(model, groups.tp_rank, groups.tp.size())
         engine = Engine(model, groups, inf, arch.eos_token_ids)
-        tokenizer = tokenizer or Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template)
+        tokenizer = tokenizer or Tokenizer(ckpt.tokenizer_dir, chat=inf.apply_chat_template)
         yield Session(arch, groups, engine, tokenizer, writer=groups.is_query_host and groups.tp_rank == 0)
     except Exception as e:  # noqa: BLE001 - any failure on this rank, inside the session
         _fail(watchdog, rank, e)
@@ -128,7 +129,7 @@ def run_generation(cfg: RunConfig) -> int:
     if Path(inf.output_path).is_dir():
         raise RunError(f"inference.output_path={inf.output_path}: is a directory, not a file")
     arch = preflight(cfg)
-    tokenizer = Tokenizer(cfg.checkpoint.hf_path, chat=inf.apply_chat_template)
+    tokenizer = Tokenizer(open_checkpoint(cfg.checkpoint).tokenizer_dir, chat=inf.apply_chat_template)
     # Every rank parses every line the same way, before anything starts: the batch's decisions depend on them.
     requests = [(n, parse_request(line, n, tokenizer, arch.vocab_size, arch.max_position_embeddings, inf))
                 for n, line in read_lines(inf.input_path)]

@@ -1,18 +1,23 @@
 """Load an HF Llama directory (config.json + *.safetensors, sharded or not) into a TP-sharded StarLlama.
 
-Each rank reads only its own slices, memory-mapped through safetensors, tensor by tensor.
+Each rank reads only its own slices, memory-mapped through safetensors, tensor by tensor. Before that,
+:func:`check_hf_files` reads every file's header: a missing, truncated or unreadable file is named.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 import torch
 from safetensors import safe_open
 
-from .llama import StarLlama
+from ..errors import RunError, unreadable
+from .arch import LlamaArch, tp_shard, vocab_shard
+
+if TYPE_CHECKING:
+    from .llama import StarLlama
 
 Tensor = torch.Tensor
 
@@ -63,13 +68,39 @@ class SafetensorsReader:
         return out
 
 
-def _shard(n: int, tp_rank: int, tp: int) -> Tuple[int, int]:
-    per = n // tp
-    return tp_rank * per, (tp_rank + 1) * per
+def check_hf_files(path: Path, arch: LlamaArch) -> None:
+    """Every weight file exists, is readable and is as long as its header says; an untied model has its head."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise unreadable(index, e) from None
+    else:
+        files = sorted(f.name for f in path.glob("*.safetensors"))
+        if not files:
+            raise RunError(f"{path}: no *.safetensors weights")
+    names: Set[str] = set()
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise RunError(f"{f}: missing ({index.name} lists it)")
+        try:
+            with open(f, "rb") as h:
+                n = int.from_bytes(h.read(8), "little")
+                header = json.loads(h.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise unreadable(f, e) from None
+        if f.stat().st_size < 8 + n + end:
+            raise RunError(f"{f}: truncated ({f.stat().st_size} bytes; its header describes {8 + n + end})")
+        names.update(k for k in header if k != "__metadata__")
+    if not arch.tie_word_embeddings and "lm_head.weight" not in names:
+        raise RunError(f"{path}: config.json says tie_word_embeddings=false, but no weight file holds lm_head.weight")
 
 
 @torch.no_grad()
-def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> None:
+def load_hf_llama(model: "StarLlama", path: str | Path, tp_rank: int, tp: int) -> None:
     """Copy the checkpoint's weights into ``model`` (this TP rank's shards), converting to its dtype.
 
     Every slice is copied straight from the memory-mapped file into its place in the parameter (fused QKV,
@@ -96,8 +127,7 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
     def put_vocab_rows(name: str, src: str) -> None:
         # This rank's rows of the vocabulary, padded to the model's (TP-divisible) size with zero rows.
         dst = target(name)
-        r0 = tp_rank * dst.shape[0]
-        n = max(0, min(dst.shape[0], a.vocab_size - r0))
+        r0, n = vocab_shard(dst.shape[0], tp_rank, a.vocab_size)
         if n:
             copy(dst[:n], reader.read(src, rows=(r0, r0 + n)), name)
         dst[n:].zero_()
@@ -107,9 +137,9 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
 
     hd, ng = a.head_dim, a.num_kv_heads
     qpg = a.num_heads // ng  # query heads per KV group
-    g0, g1 = _shard(ng, tp_rank, tp)
-    f0, f1 = _shard(a.intermediate_size, tp_rank, tp)
-    c0, c1 = _shard(a.num_heads * hd, tp_rank, tp)
+    g0, g1 = tp_shard(ng, tp_rank, tp)
+    f0, f1 = tp_shard(a.intermediate_size, tp_rank, tp)
+    c0, c1 = tp_shard(a.num_heads * hd, tp_rank, tp)
     for i in range(a.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn_norm, mlp_norm = model.layer_norm_names  # modules of their own, or fused into TE's linears
@@ -135,8 +165,7 @@ def load_hf_llama(model: StarLlama, path: str | Path, tp_rank: int, tp: int) -> 
 
     put("decoder.final_layernorm.weight", reader.read("model.norm.weight"))
     if not a.tie_word_embeddings:  # tied: the output layer uses the embedding, loaded above, and has no weight
-        head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
-        put_vocab_rows("output_layer.weight", head)
+        put_vocab_rows("output_layer.weight", "lm_head.weight")
 
     missing = sorted(set(params) - set(loaded))
     if missing:
