@@ -335,15 +335,17 @@ def load_megatron_llama(model: "StarLlama", ckpt: DcpCheckpoint, tp_rank: int, t
     f0, f1 = tp_shard(a.intermediate_size, tp_rank, tp)
     c0, _ = tp_shard(a.num_heads * hd, tp_rank, tp)
     for i in range(a.num_layers):
-        def put(ours: str, offsets: Tuple[int, ...], dest: Tensor) -> None:
+        def put(ours: str, offsets: Tuple[int, ...], dest: Tensor, name: str = "") -> None:
+            """``ours``: the checkpoint tensor's local-spec name; ``name``: the model's, where it differs."""
             t = _layer_tensor(ckpt, i, ours, a.num_layers)
             if t.prefix:
                 dest = dest.unsqueeze(0)
-            want(f"decoder.layers.{i}.{ours}", t.fqn, t.prefix + offsets, dest)
+            want(f"decoder.layers.{i}.{name or ours}", t.fqn, t.prefix + offsets, dest)
 
         p = f"decoder.layers.{i}."
-        put("input_layernorm.weight", (0,), params[p + "input_layernorm.weight"])
-        put("pre_mlp_layernorm.weight", (0,), params[p + "pre_mlp_layernorm.weight"])
+        attn_norm, mlp_norm = model.layer_norm_names  # modules of their own, or fused into TE's linears
+        put("input_layernorm.weight", (0,), params[p + attn_norm], attn_norm)
+        put("pre_mlp_layernorm.weight", (0,), params[p + mlp_norm], mlp_norm)
         qkv = params[p + "self_attention.linear_qkv.weight"]
         put("self_attention.linear_qkv.weight", (g0 * (qpg + 2) * hd, 0), qkv)  # whole KV groups: contiguous rows
         put("self_attention.linear_proj.weight", (0, c0), params[p + "self_attention.linear_proj.weight"])
