@@ -45,7 +45,7 @@ from star_mcore.inference.modes import GlobalAttention, StarAttention, context_p
 from star_mcore.inference.kv_cache import KVSequence  # noqa: E402
 from star_mcore.inference.steps import QueryStep  # noqa: E402
 from star_mcore.parallel.groups import (  # noqa: E402
-    ParallelGroups, destroy_parallel, init_process_group, initialize_parallel)
+    ParallelGroups, destroy_parallel, init_process_group, initialize_parallel, reduce_max)
 
 SMOKE = dict(shape="tiny", layers=2, lengths="64,128", query=4, new_tokens=3, reps=1)
 
@@ -105,12 +105,6 @@ def cp_alone(groups: ParallelGroups) -> ParallelGroups:
         if r == dist.get_rank():
             mine = g
     return ParallelGroups(pg_collection=groups.pg_collection, tp=groups.tp, cp=mine, device=groups.device)
-
-
-def reduce_max(values: List[float], device: torch.device) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def gather_per_rank(value: float, device: torch.device) -> List[float]:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
-import torch.distributed as dist
 
+from ..parallel.groups import reduce_max
 from .decode import DecodeRow
 from .engine import Encoded, Engine, Generation, Sampling
 from .kv_cache import KVSequence
-from .planner import pages_wanted
+from .planner import context_pages, pages_wanted
 from .requests import RequestError
 from .verdict import Choice, NumericalError
 
@@ -54,7 +54,7 @@ class _Held:
     encoded: Encoded
     pages: List[int]
     users: int = 0
-    last_used: int = 0
+    last_used: int = 0  # the admission number of its latest request (least recently used goes first)
 
 
 @dataclass
@@ -81,12 +81,11 @@ class ContinuousBatch:
         self.slots: List[Optional[_Running]] = [None] * engine.inference.max_batch_size
         self.contexts: Dict[bytes, _Held] = {}
         self.free: List[int] = []  # free pages of every host's pool (the same bookkeeping on every rank)
-        self._tick = 0
 
     # --- pages -----------------------------------------------------------------------------------------------
     def _context_pages(self, job: Job) -> List[int]:
-        pool = self.engine.pool
-        return [pool.pages_for(n) for n in self.engine.context_shares(len(job.context_ids))]
+        eng = self.engine
+        return context_pages(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(job.context_ids))
 
     def _need(self, job: Job, key: bytes) -> List[int]:
         cp = self.engine.groups.cp_size
@@ -112,14 +111,6 @@ class ContinuousBatch:
         self.free = [f + p for f, p in zip(self.free, held.pages)]
 
     # --- the loop --------------------------------------------------------------------------------------------
-    def _agreed(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (every rank calls this at the same point of the loop)."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([float(flag)], device=self.engine.groups.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return bool(t.item())
-        return flag
-
     @torch.inference_mode()
     def run(self, jobs: Iterable[Job], emit: Callable[[Job, Outcome], None], pages: Optional[int] = None,
             stop: Optional[Callable[[], bool]] = None) -> bool:
@@ -143,7 +134,8 @@ class ContinuousBatch:
         try:
             while nxt is not None or any(self.slots):
                 while nxt is not None and None in self.slots:
-                    if stop is not None and self._agreed(stop()):
+                    # every rank asks at the same point of the loop: a stop on any rank stops all
+                    if stop is not None and reduce_max([float(stop())], self.engine.groups.device)[0]:
                         while any(self.slots):  # the running ones finish; nothing new starts
                             self._step(emit)
                         return False
@@ -167,7 +159,7 @@ class ContinuousBatch:
 
     def _admit(self, job: Job, key: bytes, emit: Callable[[Job, Outcome], None]) -> None:
         eng, g = self.engine, self.engine.groups
-        self._tick += 1
+        number = next(_ADMISSIONS)
         held = self.contexts.get(key)
         reused = held is not None
         if held is None:
@@ -180,12 +172,12 @@ class ContinuousBatch:
             self.contexts[key] = held
             self.free = [f - p for f, p in zip(self.free, held.pages)]
         held.users += 1
-        held.last_used = self._tick
+        held.last_used = number
         own_pages = eng.pool.pages_for(job.own_tokens)
         self.free[-1] -= own_pages
         own = eng.pool.allocate(job.own_tokens) if g.is_query_host else None
         r = _Running(job, held, own, own_pages, reused, 0.0 if reused else held.encoded.phase1_s, time.perf_counter(),
-                     next(_ADMISSIONS))
+                     number)
         choice, logits = eng.query(held.encoded, own, job.query_ids.to(g.device), job.sampling)
         eng.sync()
         r.first_token_s = time.perf_counter() - r.t_query

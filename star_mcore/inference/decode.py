@@ -95,7 +95,7 @@ class _Inputs:
         self.params = SamplingParams.allocate(slots, device)
         self.verdict = torch.zeros(slots, width(vocab), dtype=torch.float64, device=device)
 
-    def fill(self, pool: KVPool, rows: Sequence[Optional[DecodeRow]], contexts: List[KVSequence]) -> None:
+    def fill(self, rows: Sequence[Optional[DecodeRow]], contexts: List[KVSequence]) -> None:
         """Write this step's rows in place: tokens, positions, where each slot's new K, V go, the groups."""
         S, M = len(rows), self.layout.members.shape[1]
         W = self.layout.table.shape[1]
@@ -192,7 +192,7 @@ class StaticDecode:
         x = self._inputs[key]
         filled = (key, tuple(None if r is None else r.request for r in rows))
         if filled != self._filled:  # new requests, or some left: the host writes the whole state
-            x.fill(pool, rows, contexts)
+            x.fill(rows, contexts)
         self._filled = filled
 
         def run() -> None:
@@ -211,7 +211,7 @@ class StaticDecode:
         elif key in self._graphs:
             self._graphs[key].replay()
             self.replays += 1
-        elif not self._capture(key, run, lambda: x.fill(pool, rows, contexts)):
+        elif not self._capture(key, run, lambda: x.fill(rows, contexts)):
             run()
         out = x.verdict.tolist()
         return [None if r is None else out[s] for s, r in enumerate(rows)]

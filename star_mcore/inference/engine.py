@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from ..config import InferenceConfig
 from ..model.llama import StarLlama
 from ..ops.attention import resolve_backend
 from ..ops.sampling import SamplingParams
-from ..parallel.groups import ParallelGroups
+from ..parallel.groups import ParallelGroups, reduce_max
 from .decode import decode_loop
 from .host import Host
 from .kv_cache import KVPool, KVSequence
@@ -128,11 +127,9 @@ class Engine:
             self.sync()
             # One reduction over all ranks: the slowest host's phase-1 time (the critical path) and the first
             # layer, on any rank, whose attention output was not finite (encoded so that MAX finds the lowest).
-            stats = torch.stack([torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=g.device),
-                                 (n_layers - m.runtime.first_nonfinite_layer()[0]).to(torch.float64)])
-            if dist.get_world_size() > 1:
-                dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        phase1_s, bad = float(stats[0]), int(stats[1])
+            phase1_s, bad = reduce_max([time.perf_counter() - t0,
+                                        float(n_layers - m.runtime.first_nonfinite_layer()[0])], g.device)
+        bad = int(bad)
         if bad:
             self.pool.release(seq)
             raise NumericalError(f"non-finite values (NaN/Inf) in the attention output of layer {n_layers - bad} "

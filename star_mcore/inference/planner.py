@@ -103,6 +103,11 @@ def check_fits(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int
     return p
 
 
+def context_pages(mode, cp: int, page: int, context_len: int) -> List[int]:
+    """Pages of ``page`` tokens that each host's share of a ``context_len``-token context takes."""
+    return [-(-n // page) for n in mode.context_shares(context_len, cp)]
+
+
 def pages_wanted(mode, cp: int, page: int, slots: int,
                  requests: Sequence[Tuple[Hashable, int, int]]) -> Tuple[int, int]:
     """(pages for any ``slots`` of ``requests`` at once, pages of the largest alone) on the fullest host, scratch
@@ -113,7 +118,7 @@ def pages_wanted(mode, cp: int, page: int, slots: int,
     owns: List[int] = []
     alone = 0
     for key, ctx, own in requests:
-        shares = [-(-n // page) for n in mode.context_shares(ctx, cp)]
+        shares = context_pages(mode, cp, page, ctx)
         contexts[key] = shares
         owns.append(-(-own // page))
         alone = max(alone, max(shares[:-1], default=0), shares[-1] + owns[-1])
