@@ -1,9 +1,11 @@
 """One rank of a `star-mcore generate` job started without a launcher (as srun starts ranks), for the
-reliability tests. ``FAULT_RANK``/``FAULT_AT`` (test-only) make that rank raise in its Nth request."""
+reliability tests. ``FAULT_RANK``/``FAULT_AT`` (test-only) make that rank raise in its Nth request;
+``FAULT_SIGTERM=1`` makes it send itself SIGTERM there instead (a scheduler's stop at a known point)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from star_mcore.cli.main import main
@@ -17,7 +19,10 @@ if int(os.environ["RANK"]) == fault_rank:
     def failing_query(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == int(os.environ.get("FAULT_AT", "2")):
-            raise RuntimeError("injected fault")
+            if os.environ.get("FAULT_SIGTERM") == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise RuntimeError("injected fault")
         return original(self, *args, **kwargs)
 
     engine_mod.Engine.query = failing_query
