@@ -8,6 +8,7 @@ workload of ``--workload`` requests with seeded context and answer lengths run w
 the per-step time is the slope between two budgets, so admission, query passes and graph captures drop out.
 
     python scripts/bench_batch.py --out docs/bench/batch.json
+    python scripts/bench_batch.py --profile 1:16384,16:16384 --out docs/bench/batch_profile.json  # where a step goes
     python scripts/bench_batch.py --smoke --out /tmp/x.json     # CPU check of the script
 """
 
@@ -85,6 +86,58 @@ def _free(engine: Engine) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_row(args, model, groups, batch: int, kv_share: int) -> dict:
+    """Where a batched step's time goes: the loop's ms per step against its CUDA graph replayed back to back (the
+    GPU's own time: the rest is the host's, between replays), the sampler alone, and the static step's kernels
+    by GPU time (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from star_mcore.ops.sampling import SamplingParams, sample
+
+    dev = groups.device
+    vocab = model.arch.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    contexts = [torch.randint(0, vocab, (kv_share,), generator=g) for _ in range(batch)]
+    queries = [torch.randint(0, vocab, (args.query,), generator=g) for _ in range(batch)]
+    jobs = lambda n: [Job(c, q, Sampling(n)) for c, q in zip(contexts, queries)]  # noqa: E731
+    out = dict(batch=batch, kv_share=kv_share)
+    for loop in ("graph", "static"):
+        engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=loop,
+                                                       max_batch_size=batch, attention_backend=args.backend))
+        benchlib.random_phase1(engine)
+        lo, hi = args.budgets
+        run_jobs(engine, jobs(lo))
+        t = {n: sorted(run_jobs(engine, jobs(n)) for _ in range(3))[1] for n in (lo, hi)}
+        out[f"{loop}_loop_ms_per_step"] = (t[hi] - t[lo]) / (hi - lo) * 1e3
+        if loop == "graph" and dev.type == "cuda" and engine.decoder._graphs:
+            graph = next(iter(engine.decoder._graphs.values()))  # replays past the end write the scratch page
+            out["graph_replay_ms"] = benchlib.timed(lambda: [graph.replay() for _ in range(10)], dev, 2, 5) * 100
+        if loop == "static":
+            activities = [ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]
+            totals = {}
+            for n in (lo, hi):
+                with profile(activities=activities) as prof:
+                    run_jobs(engine, jobs(n))
+                totals[n] = {e.key: (e.count, e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total)
+                             for e in prof.key_averages()}
+            rows = []
+            for key, (c1, t1) in totals[hi].items():
+                c0, t0 = totals[lo].get(key, (0, 0.0))
+                count, ms = (c1 - c0) / (hi - lo), (t1 - t0) / (hi - lo) / 1e3
+                if count > 0 and ms > 0:
+                    rows.append(dict(kernel=key[:90], per_step=round(count, 2), ms_per_step=round(ms, 4)))
+            rows.sort(key=lambda r: -r["ms_per_step"])
+            out["static_busy_ms_per_step"] = round(sum(r["ms_per_step"] for r in rows), 4)
+            out["static_kernels_per_step"] = round(sum(r["per_step"] for r in rows), 1)
+            out["static_top"] = rows[:30]
+        _free(engine)
+    logits = torch.randn(batch, vocab, device=dev)
+    params = SamplingParams.allocate(batch, dev)
+    out["sampler_ms"] = benchlib.timed(lambda: sample(logits, params), dev, 3, 10) * 1e3
+    out["argmax_ms"] = benchlib.timed(lambda: torch.argmax(logits, dim=-1), dev, 3, 10) * 1e3
+    return out
+
+
 def workload_row(args, model, groups, max_batch: int) -> dict:
     """``--workload`` requests (seeded: context in [lo, hi] tokens, answer in [lo, hi] tokens), end to end with
     phase 1 really run: requests/s and generated tokens/s."""
@@ -126,6 +179,7 @@ def main() -> None:
     ap.add_argument("--workload-context", default="8192,32768")
     ap.add_argument("--workload-new", default="64,512")
     ap.add_argument("--memory-gib", type=float, default=0, help="skip rows whose KV exceeds this (0: the GPU's)")
+    ap.add_argument("--profile", default="", help="batch:share[,batch:share...]: only profile these steps")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
     args = ap.parse_args()
     if args.smoke:
@@ -151,6 +205,17 @@ def main() -> None:
     payload = dict(hardware=benchlib.hardware(), shape=args.shape, layers=args.layers, decode=args.decode,
                    bandwidth_gbps=bw / 1e9, query_tokens=args.query, budgets=list(args.budgets), rows=[],
                    workload=[])
+    if args.profile:
+        payload["profile"] = []
+        for case in args.profile.split(","):
+            b, n = map(int, case.split(":"))
+            payload["profile"].append(profile_row(args, model, groups, b, n))
+            p = payload["profile"][-1]
+            print(f"profile batch {b} x {n}: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()
+                                                           if isinstance(v, float)), flush=True)
+            benchlib.write_json(args.out, payload, announce=False)
+        benchlib.write_json(args.out, payload)
+        return
     cases = [(b, n, False) for n in map(int, args.shares.split(",")) for b in map(int, args.batches.split(","))]
     ctx, batches = args.shared.split(":")
     cases += [(b, int(ctx), True) for b in map(int, batches.split(","))]

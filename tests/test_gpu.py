@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -281,3 +283,27 @@ def test_transformer_engine_layers_give_the_local_tokens(gqa_ckpt, precision):
         if precision == "fp32" and m != "star":
             assert te["tokens"] == tokens
             assert (torch.tensor(te["logits"]) - logits).abs().max().item() < 5e-3
+
+
+def test_transformer_engine_layers_take_megatron_checkpoints():
+    """The Megatron torch_dist checkpoints of the CPU tests (Megatron-LM saved by mcore 0.16.1 and 0.19.2, a
+    Megatron-Bridge one) load into TE's layers, whose norms live inside TE's LayerNormLinear under other names
+    (model.layer_norm_names), and give the tokens and logits of mcore's local layers."""
+    from distributed import run_world
+    from workers import checkpoints_battery
+
+    _te_layers_or_skip()
+    saved = Path(__file__).resolve().parent / "checkpoints"
+    ckpts = [{"name": d.name, "config": {"megatron_path": str(d)}} for d in sorted(saved.iterdir()) if d.is_dir()]
+    assert len(ckpts) == 3
+    g = torch.Generator().manual_seed(31)
+    ctx, qry = torch.randint(0, 101, (45,), generator=g).tolist(), torch.randint(0, 101, (3,), generator=g).tolist()
+    cases = [dict(name=m, mode=m, block=8, anchor=4, ctx=ctx, qry=qry, n=4) for m in ("none", "star")]
+    res = {impl: run_world(1, checkpoints_battery, ckpts, 1, 1, cases, None, "gpu", impl, "sdpa_efficient")[0]
+           for impl in ("local", "transformer_engine")}
+    for c in ckpts:
+        for m in ("none", "star"):
+            te, local = res["transformer_engine"][c["name"]]["cases"][m], res["local"][c["name"]]["cases"][m]
+            assert te["tokens"] == local["tokens"], (c["name"], m)
+            gap = (torch.tensor(te["logits"]) - torch.tensor(local["logits"])).abs().max().item()
+            assert gap < 5e-3, (c["name"], m, gap)

@@ -146,10 +146,12 @@ def run_cases(groups, model, cases: List[dict], full_logits_ids: Optional[List[i
 
 
 def checkpoints_battery(checkpoints: List[dict], tp: int, cp: int, cases: List[dict] = (),
-                        full_logits_ids: Optional[List[int]] = None) -> Dict[str, dict]:
+                        full_logits_ids: Optional[List[int]] = None, accelerator: str = "cpu",
+                        transformer_impl: str = "local", backend: str = "auto") -> Dict[str, dict]:
     """:func:`run_cases` on each checkpoint ({name, config: CheckpointConfig fields}), opened and loaded as the
     runner does (``open_checkpoint``: HF or Megatron), in fp32, one world for all of them; with a Megatron
-    checkpoint also ``requested``: the elements of the boxes this rank asked the checkpoint for."""
+    checkpoint also ``requested``: the elements of the boxes this rank asked the checkpoint for.
+    ``transformer_impl``: mcore's local layers or TransformerEngine's (GPU only)."""
     from star_mcore.config import CheckpointConfig
     from star_mcore.model import megatron_checkpoint
     from star_mcore.model.checkpoint import open_checkpoint
@@ -162,15 +164,16 @@ def checkpoints_battery(checkpoints: List[dict], tp: int, cp: int, cases: List[d
         return read(self, boxes, wants)
 
     megatron_checkpoint.DcpCheckpoint.read = spy
-    groups = initialize_parallel(tp, cp, init_process_group("cpu", 120), 120)
+    groups = initialize_parallel(tp, cp, init_process_group(accelerator, 120), 120)
     out = {}
     try:
         for c in checkpoints:
             ckpt = open_checkpoint(CheckpointConfig(**c["config"]))
-            model = StarLlama(ckpt.arch, groups, "fp32")
+            model = StarLlama(ckpt.arch, groups, "fp32", transformer_impl)
             requested.clear()
             ckpt.load(model, groups.tp_rank, tp)
-            out[c["name"]] = {**run_cases(groups, model, cases, full_logits_ids), "requested": sum(requested)}
+            out[c["name"]] = {**run_cases(groups, model, cases, full_logits_ids, backend),
+                              "requested": sum(requested)}
     finally:
         destroy_parallel()
     return out
