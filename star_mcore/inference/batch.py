@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from ..parallel.groups import reduce_max
-from .decode import DecodeRow
+from .decode import DecodeRow, Launched
 from .engine import Encoded, Engine, Generation, Sampling
 from .kv_cache import KVSequence
 from .planner import context_pages, pages_wanted
@@ -81,6 +81,7 @@ class ContinuousBatch:
         self.slots: List[Optional[_Running]] = [None] * engine.inference.max_batch_size
         self.contexts: Dict[bytes, _Held] = {}
         self.free: List[int] = []  # free pages of every host's pool (the same bookkeeping on every rank)
+        self.in_flight: Optional[Launched] = None  # a launched step not yet read (pipelined decode loops)
 
     # --- pages -----------------------------------------------------------------------------------------------
     def _context_pages(self, job: Job) -> List[int]:
@@ -138,6 +139,7 @@ class ContinuousBatch:
                     if stop is not None and reduce_max([float(stop())], self.engine.groups.device)[0]:
                         while any(self.slots):  # the running ones finish; nothing new starts
                             self._step(emit)
+                        self._read_in_flight(emit)
                         return False
                     key = nxt.context_ids.numpy().tobytes()
                     need = self._need(nxt, key)
@@ -152,6 +154,7 @@ class ContinuousBatch:
                     nxt = next(pending, None)
                 if any(self.slots):
                     self._step(emit)
+            self._read_in_flight(emit)
             return True
         finally:
             for key in list(self.contexts):
@@ -187,6 +190,14 @@ class ContinuousBatch:
             self.slots[self.slots.index(None)] = r
 
     def _step(self, emit: Callable[[Job, Outcome], None]) -> None:
+        """Launch one decode step of the running requests and read the one before it (pipelined loops: the
+        host's reading overlaps the device's next step; a step launched for a request that has ended since is
+        read and its row dropped), or this one (eager)."""
+        decoder = self.engine.decoder
+        if self.in_flight is not None and self.in_flight.requests != self._requests():
+            self._read_in_flight(emit)  # the slots changed: the decoder refills from the host's tokens, so read first
+            if not any(self.slots):
+                return
         rows: List[Optional[DecodeRow]] = []
         for r in self.slots:
             if r is None:
@@ -195,12 +206,29 @@ class ContinuousBatch:
             s, job = r.job.sampling, r.job
             position = len(job.context_ids) + len(job.query_ids) + len(r.tokens) - 1
             rows.append(DecodeRow(r.number, r.tokens[-1], position, r.held.encoded.seq, r.own, s.temperature,
-                                  s.top_k, s.top_p, s.seed, counter=len(r.tokens)))
-        verdicts = self.engine.decoder.step(self.engine.pool, rows)
+                                  s.top_k, s.top_p, s.seed, s.logprobs, counter=len(r.tokens)))
+        launched = decoder.launch(self.engine.pool, rows)
+        self._read_in_flight(emit)
+        if decoder.pipelined:
+            self.in_flight = launched
+        else:
+            self._read(launched, emit)
+
+    def _requests(self) -> tuple:
+        return tuple(None if r is None else r.number for r in self.slots)
+
+    def _read_in_flight(self, emit: Callable[[Job, Outcome], None]) -> None:
+        if self.in_flight is not None:
+            launched, self.in_flight = self.in_flight, None
+            self._read(launched, emit)
+
+    def _read(self, launched: Launched, emit: Callable[[Job, Outcome], None]) -> None:
+        """Take a step's tokens for the requests still in the slots it was launched with."""
         n_layers = self.engine.model.arch.num_layers
-        for i, (r, row) in enumerate(zip(self.slots, verdicts)):
-            if r is None:
-                continue
+        for i, (number, row) in enumerate(zip(launched.requests, launched.rows())):
+            r = self.slots[i]
+            if r is None or r.number != number:
+                continue  # idle at the launch, or ended since (this row was computed after its last token)
             if r.own is not None:
                 r.own.set_length(len(r.job.query_ids) + len(r.tokens))  # the fed token's K, V are held now
             if self._accept(r, Choice.read(row, n_layers, step=len(r.tokens)), emit):
