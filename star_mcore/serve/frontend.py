@@ -78,6 +78,8 @@ class Frontend:
             self.state = "draining"
         elif msg[0] == "exit":
             self.state = "exiting"
+            for rid, q in self.pending.items():  # came in after the ranks' last turn
+                q.put_nowait(("error", rid, 503, "the server is shutting down"))
             self.server.should_exit = True
         elif msg[1] in self.pending:
             self.pending[msg[1]].put_nowait(msg)

@@ -155,6 +155,8 @@ class ServeLoop:
             self.streams.discard(rid)
             if not self.batch.cancel(rid):
                 self.waiting = deque(j for j in self.waiting if j.tag != rid)
+            if self.conn is not None:
+                log(f"request {rid}: cancelled (its client left)")
         elif kind == "stop":
             self.stopping = True
             self._tell(("draining",))
