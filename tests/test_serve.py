@@ -208,7 +208,7 @@ def test_chat_equals_generate_and_streams_the_same_text(smol, smollm2_ckpt):
     assert usage["completion_tokens"] == len(want["generated_ids"]) and usage["context_reused"] is True
 
 
-@pytest.mark.parametrize("body,status,message,param", [
+BAD = [  # (body, status, message, param)
     ({"context": "x", "prompt": "y", "temperature": -1}, 400, "temperature must be a number >= 0, got -1",
      "temperature"),
     ({"context": "x", "prompt": "y", "n": 2}, 400, "n must be 1: this server returns one choice per request (got 2)",
@@ -224,13 +224,17 @@ def test_chat_equals_generate_and_streams_the_same_text(smol, smollm2_ckpt):
      "'smollm2')", "model"),
     ({"context": [5] * 8190, "prompt": [6, 7], "max_tokens": 4}, 400, "context (8190) + query (2) + "
      "tokens_to_generate (4) = 8196 exceeds the model's max positions (8192)", None),
-])
-def test_bad_requests_are_400s_and_the_server_keeps_serving(smol, body, status, message, param):
+]
+
+
+def test_bad_requests_are_400s_and_the_server_keeps_serving(smol):
+    """generate's checks with generate's messages, OpenAI's error body; then a good request is answered."""
     server, records = smol
-    r = httpx.post(server.url + "/v1/completions", json=dict({"model": "smollm2"}, **body), timeout=60)
-    assert r.status_code == status
-    assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                  "code": "model_not_found" if status == 404 else None}}
+    for body, status, message, param in BAD:
+        r = httpx.post(server.url + "/v1/completions", json=dict({"model": "smollm2"}, **body), timeout=60)
+        assert r.status_code == status
+        assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                      "code": "model_not_found" if status == 404 else None}}
     ctx, q, _ = QUESTIONS[0]
     ok = httpx.post(server.url + "/v1/completions", json={"context": ctx, "prompt": q, "max_tokens": 6},
                     timeout=300).json()
@@ -326,9 +330,17 @@ def test_sigterm_drains_and_exits_0(gqa_ckpt, tmp_path):
 
 
 def test_a_dead_rank_gives_503_and_a_nonzero_exit(gqa_ckpt, tmp_path):
-    server = Server(2, [f"checkpoint.hf_path={gqa_ckpt}", *TINY], tmp_path)
+    """(First, on the same world: resident contexts beyond serve.max_resident_tokens go, least recently used
+    first.) A killed rank: the request in flight gets a 503, rank 0 exits non-zero naming it, the port closes."""
+    server = Server(2, [f"checkpoint.hf_path={gqa_ckpt}", *TINY, "serve.max_resident_tokens=100"], tmp_path)
     try:
         server.wait_ready()
+        reused = []
+        for ctx in (1, 1, 2, 1, 3, 3):  # 60-token contexts: two do not fit in 100 resident tokens
+            body = {"context": [ctx] * 60, "prompt": [5], "max_tokens": 1}
+            reused.append(httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["usage"]
+                          ["context_reused"])
+        assert reused == [False, True, False, False, False, True]
         server.signal(signal.SIGKILL, ranks=[1])
         r = httpx.post(server.url + "/v1/completions", timeout=120,
                        json={"context": [1, 2, 3], "prompt": [4], "max_tokens": 2})
@@ -346,3 +358,16 @@ def test_bad_serve_config_is_one_line():
     res = star_mcore("serve", "--config", CONFIG, "checkpoint.hf_path=x", "serve.port=70000")
     assert res.returncode == 2
     assert res.stderr.strip() == "star-mcore: error: serve.port must be in [0, 65535], got 70000"
+
+
+def test_bench_serve_smoke(tmp_path):
+    """scripts/bench_serve.py --smoke: the whole benchmark (server, client process, TTFT, load) on CPU."""
+    out = tmp_path / "serve.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(free_port())))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["load"]["requests"] == 4 and got["load"]["generated_tokens"] == 16 and got["load"]["reused"] == 2
+    assert len(got["ttft_new_s"]) == len(got["ttft_resident_s"]) == 1
