@@ -371,3 +371,21 @@ def test_bench_serve_smoke(tmp_path):
     got = json.loads(out.read_text())
     assert got["load"]["requests"] == 4 and got["load"]["generated_tokens"] == 16 and got["load"]["reused"] == 2
     assert len(got["ttft_new_s"]) == len(got["ttft_resident_s"]) == 1
+
+
+def test_openai_fields_become_generate_fields():
+    """The mapping alone (no server): budget, sampling, logprobs of both endpoints."""
+    from star_mcore.serve.openai_api import ApiError, chat_request, completion_request
+
+    class Tok:
+        def encode_messages(self, turns):
+            return [1, 2], [3]
+
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}], "max_completion_tokens": 5}
+    assert chat_request(chat, "m", Tok()) == {"tokens_to_generate": 5, "context_ids": [1, 2], "query_ids": [3]}
+    assert chat_request(dict(chat, logprobs=True), "m", Tok())["logprobs"] == 1
+    assert chat_request(dict(chat, logprobs=True, top_logprobs=3), "m", Tok())["logprobs"] == 3
+    with pytest.raises(ApiError, match="top_logprobs needs logprobs: true"):
+        chat_request(dict(chat, top_logprobs=3), "m", Tok())
+    assert completion_request({"prompt": ["q"], "context": "c", "seed": 4, "stop": "\n", "logprobs": 2}, "m") == {
+        "context": "c", "query": "q", "seed": 4, "stop": "\n", "logprobs": 2}

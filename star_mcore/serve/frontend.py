@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import socket
 import sys
@@ -58,11 +59,23 @@ class Frontend:
         self.exit_code = 0
         self.server: Optional[uvicorn.Server] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # to rank 0, sent by a thread of its own
 
     # --- rank 0's messages -----------------------------------------------------------------------------------
-    def start_reader(self) -> None:
+    def start_threads(self) -> None:
+        """The reader of rank 0's messages and the writer of ours: a long context's request must not hold the
+        event loop (the other streams) while rank 0 is busy in a phase 1 and does not read."""
         self.loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def _write(self) -> None:
+        while True:
+            msg = self.outbox.get()
+            try:
+                self.conn.send(msg)
+            except OSError:
+                return  # rank 0 is gone: the reader thread says so
 
     def _read(self) -> None:
         while True:
@@ -95,10 +108,7 @@ class Frontend:
         self.loop.call_later(DEAD_EXIT_S, lambda: setattr(self.server, "should_exit", True))
 
     def _send(self, msg: tuple) -> None:
-        try:
-            self.conn.send(msg)
-        except OSError:
-            pass  # rank 0 is gone: the reader thread says so
+        self.outbox.put(msg)
 
     # --- requests --------------------------------------------------------------------------------------------
     def unavailable(self) -> Optional[ApiError]:
@@ -224,9 +234,8 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        front = self.front
-        front.start_reader()
-        front._send(("listening",))
+        self.front.start_threads()
+        self.front._send(("listening",))
 
 
 def main() -> int:

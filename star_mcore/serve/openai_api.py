@@ -55,7 +55,7 @@ def _common(body: Dict[str, Any], allowed: Tuple[str, ...], model: str) -> Dict[
     if body.get("n", 1) not in (1, None):
         raise _bad(f"n must be 1: this server returns one choice per request (got {body['n']!r})", "n")
     for key, neutral in NEUTRAL.items():
-        if key != "n" and body.get(key, neutral) not in (neutral, None) and not (neutral == {} and body[key] == {}):
+        if key != "n" and body.get(key, neutral) not in (neutral, None):
             raise _bad(f"{key} is not supported (only {json.dumps(neutral)})", key)
     if "model" in body and body["model"] != model:
         raise ApiError(404, f"The model {body['model']!r} does not exist (this server has {model!r})", "model",
@@ -121,8 +121,8 @@ def chat_request(body: Dict[str, Any], model: str, tokenizer: Tokenizer) -> Dict
         raise _bad("logprobs must be true or false", "logprobs")
     if top is not None and not logprobs:
         raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
-    if logprobs:
-        out["logprobs"] = max(1, top or 0) if isinstance(top, int) and not isinstance(top, bool) else top
+    if logprobs:  # the chosen tokens' log-probs need N >= 1 here; a bad top_logprobs is refused as generate's is
+        out["logprobs"] = 1 if top is None or top == 0 and not isinstance(top, bool) else top
     try:
         context_ids, query_ids = tokenizer.encode_messages(turns)
     except RequestError as e:
