@@ -167,6 +167,8 @@ def test_completions_equal_generate_through_the_openai_client(smol):
         assert whole["usage"]["completion_tokens"] == len(want["generated_ids"])
         if i == 1:  # the first question's context is held
             assert whole["usage"]["context_reused"] is True
+        if i in (1, 2):
+            continue  # streams: greedy and stop strings (held-back text) suffice; sampling is per token alike
         chunks = list(client.completions.create(stream=True, **kw))
         assert "".join(c.choices[0].text for c in chunks) == want["text"]
         assert sum((c.model_dump()["choices"][0]["token_ids"] for c in chunks), []) == want["generated_ids"]
