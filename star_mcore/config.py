@@ -109,7 +109,7 @@ class ServeConfig:
     port: int = 8000
     model_name: str = ""  # the model's id in /v1/models and the requests' "model"; empty = the checkpoint's folder name
     max_resident_tokens: int = 0  # context tokens kept encoded between requests (LRU); 0 = as many as the KV pool holds
-    drain_s: float = 30.0  # SIGTERM: requests still running this long after it are cancelled, then the server exits
+    drain_s: float = 20.0  # SIGTERM: requests still running this long after it are cancelled (torchrun kills at 30 s)
     kv_pool_tokens: int = 0  # tokens of each host's KV pool; 0 = the planner's: max_batch_size full-length requests,
     # capped by the memory beside the weights
 
