@@ -391,3 +391,19 @@ def test_openai_fields_become_generate_fields():
         chat_request(dict(chat, top_logprobs=3), "m", Tok())
     assert completion_request({"prompt": ["q"], "context": "c", "seed": 4, "stop": "\n", "logprobs": 2}, "m") == {
         "context": "c", "query": "q", "seed": 4, "stop": "\n", "logprobs": 2}
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(gqa_ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "star_mcore", "serve", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}",
+             "model.context_parallel_size=1", "inference.context_parallel_mode=none", "serve.kv_pool_tokens=1024",
+             f"serve.port={port}"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"star-mcore: error: serve.host=127.0.0.1 serve.port={port}: cannot listen there (Address already in use)")

@@ -136,6 +136,7 @@ class ContinuousBatch:
         """Some request is decoding."""
         return any(self.slots)
 
+    @torch.inference_mode()  # as before the split: the pool is made where it is used
     def open(self, pages: int) -> None:
         """Take a pool of ``pages`` pages per host (the same on every rank); nothing is held yet."""
         pool = self.engine.reserve(pages)
