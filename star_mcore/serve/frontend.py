@@ -180,7 +180,7 @@ class Frontend:
                     yield _sse(chunk)
                 if done:
                     if usage:
-                        yield _sse(dict(answer._envelope([], True), usage=answer.usage(result)))
+                        yield _sse(answer.usage_chunk(result))
                     yield "data: [DONE]\n\n"
                     break
                 if await request.is_disconnected():

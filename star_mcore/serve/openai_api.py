@@ -234,6 +234,10 @@ class Answer:
         self.streamed = len(ids)
         return self._envelope([choice], True)
 
+    def usage_chunk(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        """A stream's last event before ``[DONE]`` where ``stream_options.include_usage`` asks for it."""
+        return dict(self._envelope([], True), usage=self.usage(result))
+
 
 def finish_reason(result: Dict[str, Any]) -> str:
     """OpenAI's finish reason: the model's end of sequence and a stop token or string are ``stop``."""
