@@ -143,15 +143,29 @@ class Frontend:
         q: asyncio.Queue = asyncio.Queue()
         self.pending[rid] = q
         self._send(("new", rid, req, stream))
-        msg = await q.get()
-        if msg[0] == "error":
+        msg = await self._next(request, q)
+        if msg is None or msg[0] == "error" or not stream:
             self.pending.pop(rid, None)
+        if msg is None:  # the client left before its answer: nobody reads what we would send
+            self._send(("cancel", rid))
+            return JSONResponse({}, status_code=499)
+        if msg[0] == "error":
             return JSONResponse(_error(msg).body(), status_code=msg[2])
         if not stream:
-            self.pending.pop(rid, None)
             return JSONResponse(answer.whole(msg[2]))
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(self._events(request, rid, q, msg, answer, usage), media_type="text/event-stream")
+
+    @staticmethod
+    async def _next(request: Request, q: asyncio.Queue) -> Optional[tuple]:
+        """The next message for a request that waits for its first token or its whole answer; None if its client
+        has left meanwhile (looked at every second)."""
+        while True:
+            try:
+                return await asyncio.wait_for(q.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
 
     async def _events(self, request: Request, rid: str, q: asyncio.Queue, msg: tuple, answer: Answer, usage: bool):
         """The stream's server-sent events, from the first token to ``[DONE]``. A client that leaves (seen at the
