@@ -7,6 +7,8 @@ import os
 import queue
 import random
 import socket
+import subprocess
+import time
 import traceback
 from typing import Any, Callable, List
 
@@ -89,3 +91,18 @@ def _run_world_once(world: int, fn: Callable, args: tuple, timeout: float) -> Li
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def wait_all(procs, timeout: float) -> List[Any]:
+    """Exit codes of ``procs`` ((Popen, its open stderr file) pairs) within ``timeout`` seconds for all of them;
+    one still running then is killed and counts as None. The stderr files are closed."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p, err in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(None)
+        err.close()
+    return codes

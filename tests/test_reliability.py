@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distributed import free_port
+from distributed import free_port, wait_all
 from hf_reference import global_generate
 from test_cli import CONFIG, ROOT, star_mcore, torchrun
 
@@ -43,19 +43,6 @@ def _launch_ranks(world: int, args, tmp: Path, env_extra=None):
     return procs
 
 
-def _wait_all(procs, timeout):
-    deadline = time.monotonic() + timeout
-    codes = []
-    for p, err in procs:
-        try:
-            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(None)
-        err.close()
-    return codes
-
-
 def _args(ckpt, req, out, extra=()):
     return ["generate", "--config", CONFIG, f"checkpoint.hf_path={ckpt}", f"inference.input_path={req}",
             f"inference.output_path={out}", "inference.block_size=32", "inference.anchor_size=32",
@@ -72,7 +59,7 @@ def test_killed_rank_makes_every_other_rank_exit_naming_it(gqa_ckpt, tmp_path):
     assert out.exists(), "the job never answered a request"
     procs[1][0].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    codes = _wait_all([procs[r] for r in (0, 2, 3)], timeout=60)
+    codes = wait_all([procs[r] for r in (0, 2, 3)], timeout=60)
     assert time.monotonic() - killed_at < 60
     for r, code in zip((0, 2, 3), codes):
         assert code not in (0, None), f"rank {r} exit code {code}"
@@ -88,7 +75,7 @@ def test_raising_rank_makes_every_other_rank_exit_naming_it(gqa_ckpt, tmp_path):
     # one request at a time, so that r0 is finished when r1's query pass fails
     procs = _launch_ranks(4, _args(gqa_ckpt, req, out, ["model.context_parallel_size=4", "inference.max_batch_size=1"]),
                           tmp_path, {"FAULT_RANK": "2", "FAULT_AT": "2"})
-    codes = _wait_all(procs, timeout=120)
+    codes = wait_all(procs, timeout=120)
     assert all(c not in (0, None) for c in codes), codes
     assert "rank 2: RuntimeError: injected fault" in (tmp_path / "rank2.err").read_text()
     for r in (0, 1, 3):
@@ -135,7 +122,7 @@ def test_sigterm_finishes_the_running_requests_and_a_rerun_the_rest(gqa_ckpt, tm
     args = _args(gqa_ckpt, req, out, ["inference.context_parallel_mode=none", "model.context_parallel_size=1",
                                       "inference.max_batch_size=2", "inference.tokens_to_generate=12"])
     (proc, err_file), = _launch_ranks(1, args, tmp_path, {"FAULT_RANK": "0", "FAULT_AT": "3", "FAULT_SIGTERM": "1"})
-    assert _wait_all([(proc, err_file)], timeout=240) == [143]
+    assert wait_all([(proc, err_file)], timeout=240) == [143]
     err = (tmp_path / "rank0.err").read_text()
     assert err.strip().splitlines()[-1] == (
         "star-mcore: stopped by SIGTERM: the running requests were finished and written; rerun with the same "

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from distributed import free_port
+from distributed import free_port, wait_all
 from test_cli import CONFIG, ROOT, star_mcore, torchrun
 
 CP2 = ["model.context_parallel_size=2", "inference.block_size=64", "inference.anchor_size=64",
@@ -69,16 +69,7 @@ class Server:
                 p.send_signal(sig)
 
     def wait(self, timeout: float = 120):
-        deadline = time.monotonic() + timeout
-        codes = []
-        for p, err in self.procs:
-            try:
-                codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes.append(None)
-            err.close()
-        return codes
+        return wait_all(self.procs, timeout)
 
     def stop(self) -> None:
         for p, _ in self.procs:
