@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distributed import run_world
-from hf_reference import global_generate, load_hf, star_generate
+from hf_reference import global_generate, load_hf, star_generate, star_previous_generate
 from workers import battery
 
 N_NEW = 4
@@ -24,18 +24,27 @@ def _contexts():
 
 
 CONTEXTS = _contexts()
-# name -> (mode, block, anchor, anchor_mode, partition); star variants default to the shared anchor
+# name -> (mode, block, anchor, anchor_mode, partition, star_context); star variants default to the shared anchor
 VARIANTS = {
-    "ring": ("ring", 8, 8, "shared", "uniform"),
-    "star-1block": ("star", 128, 128, "shared", "uniform"),
-    "star-a0": ("star", 8, 0, "shared", "uniform"),
-    "star-a4": ("star", 8, 4, "shared", "uniform"),
-    "star-a8": ("star", 8, 8, "shared", "uniform"),
-    "star-a4-recompute": ("star", 8, 4, "recompute", "uniform"),
-    "star-a8-recompute": ("star", 8, 8, "recompute", "uniform"),
-    "star-a8-balanced": ("star", 8, 8, "shared", "balanced"),
-    "star-a4-balanced-recompute": ("star", 8, 4, "recompute", "balanced"),
+    "ring": ("ring", 8, 8, "shared", "uniform", "anchor"),
+    "star-1block": ("star", 128, 128, "shared", "uniform", "anchor"),
+    "star-a0": ("star", 8, 0, "shared", "uniform", "anchor"),
+    "star-a4": ("star", 8, 4, "shared", "uniform", "anchor"),
+    "star-a8": ("star", 8, 8, "shared", "uniform", "anchor"),
+    "star-a4-recompute": ("star", 8, 4, "recompute", "uniform", "anchor"),
+    "star-a8-recompute": ("star", 8, 8, "recompute", "uniform", "anchor"),
+    "star-a8-balanced": ("star", 8, 8, "shared", "balanced", "anchor"),
+    "star-a4-balanced-recompute": ("star", 8, 4, "recompute", "balanced", "anchor"),
+    # the remedies for small blocks (#23): an anchor of two and a half blocks, the previous block, landmarks
+    "star-long-a20": ("star", 8, 20, "shared", "uniform", "long_anchor"),
+    "star-long-a20-recompute": ("star", 8, 20, "recompute", "uniform", "long_anchor"),
+    "star-prev-a4": ("star", 8, 4, "shared", "uniform", "anchor+previous"),
+    "star-prev-a0": ("star", 8, 0, "shared", "uniform", "anchor+previous"),
+    "star-prev-a8-balanced": ("star", 8, 8, "shared", "balanced", "anchor+previous"),
+    "star-lm-a4": ("star", 8, 4, "shared", "uniform", "anchor+landmarks"),
+    "star-lm-a4-recompute": ("star", 8, 4, "recompute", "uniform", "anchor+landmarks"),
 }
+LANDMARKS = (2, 2)  # anchor+landmarks: 2 chunks of 2 tokens
 WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp3": (1, 3), "cp4": (1, 4), "tp2cp2": (2, 2)}
 # shared vs recompute phase 1: several blocks per host (L64 / block 4 = 16 blocks), anchor < and = block
 KV_PAIRS = [{"name": f"b{b}-a{a}-{p}", "ctx": CONTEXTS["L64"][0], "block": b, "anchor": a, "partition": p}
@@ -47,9 +56,10 @@ PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1]
 def _cases(world, ckpt):
     cases = []
     for lname, (ctx, qry) in CONTEXTS.items():
-        for vname, (mode, block, anchor, anchor_mode, partition) in VARIANTS.items():
+        for vname, (mode, block, anchor, anchor_mode, partition, star_context) in VARIANTS.items():
             cases.append(dict(name=f"{lname}/{vname}", mode=mode, block=block, anchor=anchor, ctx=ctx, qry=qry, n=N_NEW,
-                              anchor_mode=anchor_mode, partition=partition))
+                              anchor_mode=anchor_mode, partition=partition, star_context=star_context,
+                              landmarks=LANDMARKS))
         if world == "cp1":
             cases.append(dict(name=f"{lname}/none", mode="none", block=8, anchor=8, ctx=ctx, qry=qry, n=N_NEW))
     # EOS: the reference's second token is declared EOS, so generation must stop right after it.
@@ -83,21 +93,26 @@ def query_host_result(ckpt, world, name):
 
 
 @lru_cache(maxsize=None)
-def reference(ckpt, lname, mode, block, anchor, partition="uniform"):
+def reference(ckpt, lname, mode, block, anchor, partition="uniform", star_context="anchor"):
     ctx, qry = CONTEXTS[lname]
+    first = block + anchor if partition == "balanced" else None
+    if star_context == "anchor+previous":
+        return star_previous_generate(ckpt, ctx, qry, N_NEW, block, anchor, first)
     if mode == "star":
-        return star_generate(ckpt, ctx, qry, N_NEW, block, anchor, block + anchor if partition == "balanced" else None)
+        return star_generate(ckpt, ctx, qry, N_NEW, block, anchor, first,
+                             LANDMARKS if star_context == "anchor+landmarks" else None)
     return global_generate(ckpt, ctx, qry, N_NEW)
 
 
 @pytest.mark.parametrize("world,variant", [(w, v) for w in WORLDS for v in VARIANTS] + [("cp1", "none")])
 @pytest.mark.parametrize("lname", list(CONTEXTS))
 def test_matches_reference(gqa_ckpt, world, lname, variant):
-    """none, ring and star-with-one-block equal global attention (HF); star equals the algorithm done by
-    hand on HF's KV cache."""
-    mode, block, anchor, _, partition = VARIANTS.get(variant, ("none", 8, 8, "shared", "uniform"))
+    """none, ring and star-with-one-block equal global attention (HF); star, with each ``star_context``, equals
+    the algorithm done by hand on HF's KV cache."""
+    mode, block, anchor, _, partition, star_context = VARIANTS.get(variant, ("none", 8, 8, "shared", "uniform",
+                                                                             "anchor"))
     got = query_host_result(gqa_ckpt, world, f"{lname}/{variant}")
-    tokens, logits = reference(gqa_ckpt, lname, mode, block, anchor, partition)
+    tokens, logits = reference(gqa_ckpt, lname, mode, block, anchor, partition, star_context)
     assert torch.tensor(got["logits"]).sub(logits).abs().max().item() <= TOL
     assert got["tokens"] == tokens
 
@@ -113,6 +128,16 @@ def test_star_with_anchor_is_an_approximation(gqa_ckpt, world, lname):
         star = torch.tensor(query_host_result(gqa_ckpt, world, f"{lname}/{variant}")["logits"])
         assert (star - exact).abs().max().item() > 1e-3
         assert (star - a0).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_each_star_context_changes_phase_1(gqa_ckpt, world):
+    """With 8 blocks, the longer anchor, the previous block and the landmarks each change the result against
+    plain star with the same anchor: proof that their paths really run."""
+    plain = {a: torch.tensor(query_host_result(gqa_ckpt, world, f"L64/star-a{a}")["logits"]) for a in (0, 4, 8)}
+    for variant, a in (("star-long-a20", 8), ("star-prev-a4", 4), ("star-prev-a0", 0), ("star-lm-a4", 4)):
+        got = torch.tensor(query_host_result(gqa_ckpt, world, f"L64/{variant}")["logits"])
+        assert (got - plain[a]).abs().max().item() > 1e-3, variant
 
 
 @pytest.mark.parametrize("world", list(WORLDS))

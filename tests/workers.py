@@ -91,8 +91,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
             kv_pairs: List[dict] = (), accelerator: str = "cpu", transformer_impl: str = "local") -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step
-      logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?, star_context?,
+      landmarks?: (count, size)} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
     - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`.
@@ -130,7 +130,9 @@ def run_cases(groups, model, cases: List[dict], full_logits_ids: Optional[List[i
             context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
             tokens_to_generate=c["n"],
             attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
-            partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
+            partition=c.get("partition", "uniform"), decode=c.get("decode", "graph"),
+            star_context=c.get("star_context", "anchor"), landmarks=c.get("landmarks", (4, 64))[0],
+            landmark_size=c.get("landmarks", (4, 64))[1]), c.get("eos", ()))
         gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
         r = {"tokens": gen.generated_ids}
         if gen.first_step_logits is not None:

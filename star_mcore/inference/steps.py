@@ -17,6 +17,7 @@ from ..ops.merge import merge_partials
 from ..ops.paged_attention import PagedKernel, PagedLayout
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import gather_merge, ring_attention
+from ..parallel.neighbour import NeighbourKV
 from .kv_cache import KVPool, KVSequence
 
 Tensor = torch.Tensor
@@ -59,31 +60,85 @@ class SharedAnchor:
 
 
 class EncodeFirstBlock:
-    """Block 0 in shared-anchor mode: causal attention, all its KV cached, its first ``n_anchor`` tokens'
-    K, V published as the anchor."""
+    """Block 0 in shared-anchor mode: causal attention, the first ``keep`` tokens' KV cached (block 0's; a
+    ``long_anchor`` reaching past block 0 is encoded in the same forward), the first ``n_anchor`` tokens' K, V
+    published as the anchor."""
 
-    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_anchor: int) -> None:
-        self.fn, self.cache, self.anchor, self.n_anchor = fn, cache, anchor, n_anchor
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_anchor: int, keep: int) -> None:
+        self.fn, self.cache, self.anchor, self.n_anchor, self.keep = fn, cache, anchor, n_anchor, keep
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         self.anchor.publish(layer, k[:, :, : self.n_anchor], v[:, :, : self.n_anchor])
         out, _ = attend(self.fn, q, k, v, causal=True, scale=scale)
-        self.cache.append(layer, k, v)
+        self.cache.append(layer, k[:, :, : self.keep], v[:, :, : self.keep])
         return out
 
 
 class EncodeWithAnchor:
-    """Block k >= 1 in shared-anchor mode: the block attends to the anchor's K, V without a mask and to
-    itself causally (two kernel calls merged by LSE); only the block's own KV is cached."""
+    """Block k >= 1 in shared-anchor mode: the segment (``n_drop`` re-encoded landmark tokens, then the block)
+    attends to the anchor's first ``n_anchor`` K, V without a mask and to itself causally (two kernel calls
+    merged by LSE); only the block's own KV is cached."""
 
-    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor) -> None:
-        self.fn, self.cache, self.anchor = fn, cache, anchor
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_anchor: int, n_drop: int = 0) -> None:
+        self.fn, self.cache, self.anchor, self.n_anchor, self.n_drop = fn, cache, anchor, n_anchor, n_drop
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         ak, av = self.anchor.get(layer)
-        out, _ = attend_prefix_causal(self.fn, q, ak, av, k, v, scale=scale)
-        self.cache.append(layer, k, v)
+        out, _ = attend_prefix_causal(self.fn, q, ak[:, :, : self.n_anchor], av[:, :, : self.n_anchor], k, v,
+                                      scale=scale)
+        self.cache.append(layer, k[:, :, self.n_drop:], v[:, :, self.n_drop:])
         return out
+
+
+class EncodeWithPrevious:
+    """``anchor+previous``: one forward of all of this host's ``blocks`` (contiguous, in order). Block k >= 1
+    attends to the anchor's first ``n_anchor`` K, V and to the previous block's phase-1 K, V past the anchor,
+    without a mask, and to itself causally; block 0 publishes the anchor. The previous block of the host's first
+    block is the neighbour host's last (``prev``), received through ``exchange`` while this host attends to the
+    rest. Every token's KV is cached."""
+
+    def __init__(self, fn: AttnFn, cache: KVSequence, blocks: Sequence[Span], anchor: Optional[SharedAnchor],
+                 n_anchor: int, prev: Optional[Span], exchange: Optional[NeighbourKV]) -> None:
+        self.fn, self.cache, self.blocks, self.anchor, self.n_anchor = fn, cache, blocks, anchor, n_anchor
+        self.prev, self.exchange = prev, exchange
+
+    def _past_anchor(self, prev: Span) -> int:
+        """Tokens at the front of block ``prev`` that the anchor already holds."""
+        return max(0, self.n_anchor - prev.start)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        base = self.blocks[0].start
+        at = lambda t, s: t[:, :, s.start - base:s.end - base]  # noqa: E731 - this forward's rows of block s
+        if self.exchange is not None:
+            last = self.blocks[-1]
+            self.exchange.post(at(k, last), at(v, last))
+        if self.anchor is not None and base == 0:
+            self.anchor.publish(layer, k[:, :, : self.n_anchor], v[:, :, : self.n_anchor])
+        ak = av = k[:, :, :0]
+        if self.anchor is not None and any(b.start for b in self.blocks):
+            ak, av = self.anchor.get(layer)
+        outs = []
+        for j, blk in enumerate(self.blocks):
+            qj, kj, vj = at(q, blk), at(k, blk), at(v, blk)
+            if blk.start == 0:
+                outs.append(attend(self.fn, qj, kj, vj, causal=True, scale=scale))
+                continue
+            pk, pv = ak, av
+            if j > 0:
+                prev, skip = self.blocks[j - 1], self._past_anchor(self.blocks[j - 1])
+                pk, pv = torch.cat([ak, at(k, prev)[:, :, skip:]], 2), torch.cat([av, at(v, prev)[:, :, skip:]], 2)
+            outs.append(attend_prefix_causal(self.fn, qj, pk, pv, kj, vj, scale=scale))
+        if self.prev is not None:  # the first block's previous block, from the neighbour host
+            o, lse = outs[0]
+            rk, rv = self.exchange.received()
+            skip = self._past_anchor(self.prev)
+            o2, lse2 = attend(self.fn, at(q, self.blocks[0]), rk[:, :, skip:], rv[:, :, skip:], causal=False,
+                              scale=scale)
+            outs[0] = merge_partials(torch.stack([o, o2]), torch.stack([lse, lse2]))
+        if self.exchange is not None:
+            self.exchange.finish()
+        self.cache.append(layer, k, v)
+        return torch.cat([o for o, _ in outs], dim=2)
 
 
 class EncodeRing:
