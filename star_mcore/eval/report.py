@@ -46,6 +46,8 @@ def _anchor(anchor: int, block: int) -> str:
         return "0"
     if anchor == block:
         return "b"
+    if anchor > block and anchor % block == 0:  # star_context=long_anchor
+        return f"{anchor // block}b"
     return f"b/{block // anchor}" if block % anchor == 0 else f"{anchor}/{block}"
 
 
