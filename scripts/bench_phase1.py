@@ -141,7 +141,7 @@ def main() -> None:
         def shared(t, a, n_drop=0):  # a forward of t tokens (n_drop re-encoded landmarks first) after the anchor
             anchor = SharedAnchor(1, None)
             anchor.kv[0] = random_kv(a)
-            return run_tokens(("shared", t, a, n_drop), t, lambda c: EncodeWithAnchor(attn, c, anchor, a, n_drop))
+            return run_tokens(("shared", t, a, n_drop), t, lambda c: EncodeWithAnchor(attn, c, anchor, n_drop))
 
         def previous(blk, a, prev):  # one block after the anchor and the previous block, received
             anchor = SharedAnchor(1, None)
@@ -160,10 +160,14 @@ def main() -> None:
             hosts, flops = {}, {}
             for h, blocks in enumerate(layout):
                 t, f = 0.0, 0
-                for i, blk in enumerate(blocks):
+                inside = [] if star_context == "anchor+previous" else [b for b in blocks if b.start < n_anchor]
+                if inside:  # exactly, in one forward, after the anchor pieces of the hosts before
+                    m, before = inside[-1].end - inside[0].start, inside[0].start
+                    t += shared(m, before) if before else causal(m)
+                    f += layer_flops(s, m, m * (m + 1) // 2 + m * before)
+                for i, blk in enumerate(blocks[len(inside):]):
                     if blk.start == 0:
-                        m = max(len(blk), n_anchor)
-                        t, f = t + causal(m), f + layer_flops(s, m, m * (m + 1) // 2)
+                        t, f = t + causal(len(blk)), f + layer_flops(s, len(blk), len(blk) * (len(blk) + 1) // 2)
                     elif star_context == "anchor+previous":
                         prev = blocks[i - 1] if i else layout[h - 1][-1]
                         seen = n_anchor + len(prev) - max(0, n_anchor - prev.start)
@@ -171,9 +175,8 @@ def main() -> None:
                         f += layer_flops(s, len(blk), len(blk) * (len(blk) + 1) // 2 + len(blk) * seen)
                     else:
                         _, pos, n_drop = star_block_tokens(torch.arange(n), blk, 0, mode.landmarks_of(blk))
-                        a_k = min(n_anchor, blk.start)
-                        t += shared(len(pos), a_k, n_drop)
-                        f += layer_flops(s, len(pos), len(pos) * (len(pos) + 1) // 2 + len(pos) * a_k)
+                        t += shared(len(pos), n_anchor, n_drop)
+                        f += layer_flops(s, len(pos), len(pos) * (len(pos) + 1) // 2 + len(pos) * n_anchor)
                 hosts[f"host {h}"], flops[f"host {h}"] = t, f
             prev_bytes = max(len(bl[-1]) for bl in layout if bl) if star_context == "anchor+previous" else 0
             return (name, n_anchor, hosts, (n_anchor + prev_bytes) * kv_bytes_per_token, flops)

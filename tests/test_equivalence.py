@@ -48,7 +48,12 @@ LANDMARKS = (2, 2)  # anchor+landmarks: 2 chunks of 2 tokens
 WORLDS = {"cp1": (1, 1), "cp2": (1, 2), "cp3": (1, 3), "cp4": (1, 4), "tp2cp2": (2, 2)}
 # shared vs recompute phase 1: several blocks per host (L64 / block 4 = 16 blocks), anchor < and = block
 KV_PAIRS = [{"name": f"b{b}-a{a}-{p}", "ctx": CONTEXTS["L64"][0], "block": b, "anchor": a, "partition": p}
-            for b, a in ((4, 2), (4, 4), (8, 8)) for p in ("uniform", "balanced")]
+            for b, a in ((4, 2), (4, 4), (8, 8)) for p in ("uniform", "balanced")] + [
+    # an anchor over 5.5 blocks: on 4 hosts it comes in two pieces (host 0's 16 tokens, host 1's 6); landmarks
+    {"name": "b4-a22-long_anchor", "ctx": CONTEXTS["L64"][0], "block": 4, "anchor": 22, "partition": "uniform",
+     "star_context": "long_anchor"},
+    {"name": "b4-a2-landmarks", "ctx": CONTEXTS["L64"][0], "block": 4, "anchor": 2, "partition": "uniform",
+     "star_context": "anchor+landmarks"}]
 PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a}
           for a in (0, 4, 8)]
 
@@ -209,7 +214,8 @@ def test_bf16_ring_and_star_track_fp32_global_attention(gqa_ckpt):
 @pytest.mark.parametrize("world", list(WORLDS))
 @pytest.mark.parametrize("case", [c["name"] for c in KV_PAIRS])
 def test_shared_anchor_gives_the_same_kv_as_recompute(gqa_ckpt, world, case):
-    """Sending block 0's anchor KV instead of re-encoding the anchor changes no number (fp32 rounding)."""
+    """Sending the anchor KV (block 0's, or a long anchor's pieces from their hosts) instead of re-encoding the
+    anchor changes no number (fp32 rounding)."""
     held = 0
     for rank_result in world_results(gqa_ckpt, world):
         r = rank_result["kv_pairs"][case]

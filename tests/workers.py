@@ -95,7 +95,7 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
       landmarks?: (count, size)} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
-    - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`.
+    - ``kv_pairs``: {name, ctx, block, anchor, partition, star_context?} -> see :func:`shared_vs_recompute_kv`.
     ``transformer_impl``: mcore's local layers or TransformerEngine's (GPU only)."""
     groups, model = _setup(ckpt, tp, cp, precision, accelerator, transformer_impl)
     res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {},
@@ -200,7 +200,9 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     caches = {}
     for mode in ("shared", "recompute"):
         eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"],
-                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
+                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"],
+                                                    star_context=c.get("star_context", "anchor"),
+                                                    landmarks=2, landmark_size=2))
         caches[mode] = _pool(model, len(c["ctx"])).allocate(len(c["ctx"]))
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)

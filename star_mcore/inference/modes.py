@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ from ..ops.layout import Span, landmark_spans, ring_chunks, star_block_tokens, s
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.neighbour import NeighbourKV
 from .kv_cache import KVSequence
-from .steps import (EncodeFirstBlock, EncodeRing, EncodeSegment, EncodeWithAnchor, EncodeWithPrevious,
+from .steps import (EncodeAnchorBlocks, EncodeRing, EncodeSegment, EncodeWithAnchor, EncodeWithPrevious,
                     SharedAnchor)
 
 if TYPE_CHECKING:
@@ -122,6 +122,17 @@ class StarAttention(ContextParallelMode):
         """Tokens of the anchor phase 1 needs: no block sees more than the context before its start."""
         return min(self.anchor_size, max((b.start for host in layout for b in host), default=0))
 
+    @staticmethod
+    def anchor_pieces(layout, n_anchor: int) -> List[Tuple[int, int]]:
+        """(host, tokens) of each host whose blocks start inside the anchor: those blocks are encoded exactly, and
+        their tokens inside the anchor are the host's piece of it (block 0's host alone where a <= block 0)."""
+        pieces = []
+        for h, blocks in enumerate(layout):
+            inside = [b for b in blocks if b.start < n_anchor]
+            if inside:
+                pieces.append((h, min(n_anchor, inside[-1].end) - inside[0].start))
+        return pieces
+
     def landmarks_of(self, block: Span) -> List[Span]:
         """The landmark chunks block ``block`` is encoded with (none but with ``anchor+landmarks``)."""
         if self.star_context != "anchor+landmarks" or block.start == 0:
@@ -139,14 +150,13 @@ class StarAttention(ContextParallelMode):
             largest = max(len(b) for b in blocks)
             return Phase1Footprint(forward_tokens=max(sum(len(b) for b in host) for host in layout),
                                    anchor_kv_tokens=shared, layer_kv_tokens=a + 2 * largest)
-
-        def forward(b: Span) -> int:
-            if b.start == 0:
-                return max(len(b), a) if self.anchor_mode == "shared" else len(b)
-            prefix = min(a, b.start) if self.anchor_mode == "recompute" else 0
-            return prefix + sum(len(s) for s in self.landmarks_of(b)) + len(b)
-
-        return Phase1Footprint(forward_tokens=max(forward(b) for b in blocks), anchor_kv_tokens=shared)
+        if self.anchor_mode == "recompute":
+            forward = max(min(a, b.start) + sum(len(s) for s in self.landmarks_of(b)) + len(b) for b in blocks)
+            return Phase1Footprint(forward_tokens=forward)
+        # shared: a host's blocks inside the anchor in one forward, every later block with its landmarks
+        inside = max(sum(len(b) for b in host if b.start < a) for host in layout)
+        later = max((sum(len(s) for s in self.landmarks_of(b)) + len(b) for b in blocks if b.start >= a), default=0)
+        return Phase1Footprint(forward_tokens=max(inside, later), anchor_kv_tokens=shared)
 
     def prefill(self, host: "Host", context_ids: Tensor, cache: KVSequence) -> None:
         g, m = host.groups, host.model
@@ -158,29 +168,31 @@ class StarAttention(ContextParallelMode):
                 with m.attending(EncodeSegment(host.attn, cache, n_drop=n_drop)):
                     m.hidden(ids, pos)
             return
-        anchor = None
+        anchor, mine = None, layout[g.cp_rank]
         if n_anchor:
+            pieces = self.anchor_pieces(layout, n_anchor)
             exchange = None
             if g.cp_size > 1:
-                shape = (1, m.arch.num_kv_heads // g.tp.size(), n_anchor, m.arch.head_dim)
-                exchange = AnchorBroadcast(g.cp, m.arch.num_layers, shape, m.dtype, g.device)
-            anchor = SharedAnchor(m.arch.num_layers, exchange)
-            if not layout[g.cp_rank] and g.cp_rank != 0:
-                for layer in range(m.arch.num_layers):  # no blocks here, but every host takes part in the broadcast
+                head_shape = (1, m.arch.num_kv_heads // g.tp.size(), m.arch.head_dim)
+                exchange = AnchorBroadcast(g.cp, m.arch.num_layers, pieces, head_shape, m.dtype, g.device)
+            anchor = SharedAnchor(m.arch.num_layers, exchange,
+                                  next((i for i, (r, _) in enumerate(pieces) if r == g.cp_rank), 0))
+            if not mine:
+                for layer in range(m.arch.num_layers):  # no blocks here, but every host takes part in the broadcasts
                     anchor.get(layer)
         if self.star_context == "anchor+previous":
             self._prefill_with_previous(host, context_ids, cache, layout, anchor, n_anchor)
         else:
-            for block in layout[g.cp_rank]:
-                if block.start == 0:  # a long anchor reaching past block 0 is encoded with it, exactly
-                    n = max(len(block), n_anchor)
-                    ids, pos = context_ids[:n], torch.arange(n)
-                    step = (EncodeFirstBlock(host.attn, cache, anchor, n_anchor, keep=len(block)) if anchor
-                            else EncodeSegment(host.attn, cache))
-                else:
-                    ids, pos, n_drop = star_block_tokens(context_ids, block, 0, self.landmarks_of(block))
-                    step = (EncodeWithAnchor(host.attn, cache, anchor, min(n_anchor, block.start), n_drop) if anchor
-                            else EncodeSegment(host.attn, cache, n_drop=n_drop))
+            inside = [b for b in mine if b.start < n_anchor]
+            if inside:  # encoded exactly, in one forward; their tokens inside the anchor are this host's piece
+                pos = torch.arange(inside[0].start, inside[-1].end)
+                with m.attending(EncodeAnchorBlocks(host.attn, cache, anchor,
+                                                    min(n_anchor, inside[-1].end) - inside[0].start)):
+                    m.hidden(context_ids[pos], pos)
+            for block in mine[len(inside):]:
+                ids, pos, n_drop = star_block_tokens(context_ids, block, 0, self.landmarks_of(block))
+                step = (EncodeWithAnchor(host.attn, cache, anchor, n_drop) if anchor
+                        else EncodeSegment(host.attn, cache, n_drop=n_drop))
                 with m.attending(step):
                     m.hidden(ids, pos)
         if anchor is not None:
