@@ -22,7 +22,7 @@ MCORE_NEWEST := 0.19.2
 # on the full leg only. A new test file that builds the model belongs here.
 COMPAT_TESTS := tests/test_equivalence.py tests/test_batching.py \
 	tests/test_checkpoints.py tests/test_cli.py tests/test_startup.py tests/test_planner.py tests/test_kv_cache.py \
-	tests/test_smollm2.py tests/test_megatron_checkpoints.py
+	tests/test_smollm2.py tests/test_megatron_checkpoints.py tests/test_serve.py
 
 VERSIONS = $(PY) -c 'import importlib.metadata as m, sys; print("Python", sys.version.split()[0], "| torch", \
 	m.version("torch"), "| megatron-core", m.version("megatron-core"))'

@@ -88,11 +88,11 @@ def _free(engine: Engine) -> None:
 
 def profile_row(args, model, groups, batch: int, kv_share: int) -> dict:
     """Where a batched step's time goes: the loop's ms per step against its CUDA graph replayed back to back (the
-    GPU's own time: the rest is the host's, between replays), the sampler alone, and the static step's kernels
-    by GPU time (torch profiler)."""
+    GPU's own time: the rest is the host's, between replays), the sampler alone (all its work, drawing without
+    a filter, greedy), and the static step's kernels by GPU time (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from star_mcore.ops.sampling import SamplingParams, sample
+    from star_mcore.ops.sampling import SamplerWork, SamplingParams, sample
 
     dev = groups.device
     vocab = model.arch.vocab_size
@@ -133,8 +133,9 @@ def profile_row(args, model, groups, batch: int, kv_share: int) -> dict:
         _free(engine)
     logits = torch.randn(batch, vocab, device=dev)
     params = SamplingParams.allocate(batch, dev)
-    out["sampler_ms"] = benchlib.timed(lambda: sample(logits, params), dev, 3, 10) * 1e3
-    out["argmax_ms"] = benchlib.timed(lambda: torch.argmax(logits, dim=-1), dev, 3, 10) * 1e3
+    for name, work in (("sampler_full_ms", SamplerWork()), ("sampler_draw_ms", SamplerWork(True, False, False)),
+                       ("sampler_greedy_ms", SamplerWork(False, False, False))):
+        out[name] = benchlib.timed(lambda: sample(logits, params, work), dev, 3, 10) * 1e3
     return out
 
 

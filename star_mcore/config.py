@@ -109,6 +109,19 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``star-mcore serve``: the OpenAI-compatible HTTP server (global rank 0 listens; every rank runs the engine)."""
+
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = 8000
+    model_name: str = ""  # the model's id in /v1/models and the requests' "model"; empty = the checkpoint's folder name
+    max_resident_tokens: int = 0  # context tokens kept encoded between requests (LRU); 0 = as many as the KV pool holds
+    drain_s: float = 20.0  # SIGTERM: requests still running this long after it are cancelled (torchrun kills at 30 s)
+    kv_pool_tokens: int = 0  # tokens of each host's KV pool; 0 = the planner's: max_batch_size full-length requests,
+    # capped by the memory beside the weights
+
+
+@dataclass
 class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,6 +129,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -201,6 +215,12 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.trainer.device_memory_gib >= 0, "trainer.device_memory_gib must be >= 0")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0")
     need(cfg.distributed.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s must be > 0")
+    sv = cfg.serve
+    need(0 <= sv.port < 65536, f"serve.port must be in [0, 65535], got {sv.port}")
+    need(bool(sv.host), "serve.host must not be empty")
+    need(sv.max_resident_tokens >= 0, f"serve.max_resident_tokens must be >= 0, got {sv.max_resident_tokens}")
+    need(sv.drain_s >= 0, f"serve.drain_s must be >= 0, got {sv.drain_s}")
+    need(sv.kv_pool_tokens >= 0, f"serve.kv_pool_tokens must be >= 0, got {sv.kv_pool_tokens}")
     ev = cfg.eval
     need(len(ev.lengths) > 0 and all(n > 0 for n in ev.lengths), f"eval.lengths must be positive, got {ev.lengths}")
     need(ev.samples >= 1, f"eval.samples must be >= 1, got {ev.samples}")

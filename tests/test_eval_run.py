@@ -39,7 +39,8 @@ def first_run(probe_tiny, tmp_path_factory):
 def test_every_sample_gets_a_scored_line(first_run):
     _, out, res = first_run
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["task"], r["length"], r["sample"]) for r in recs] == [
+    # lines are written as samples finish (they decode together): each sample once
+    assert sorted((r["task"], r["length"], r["sample"]) for r in recs) == [
         (t, n, i) for t in ("niah_single_2", "vt") for n in (300, 450) for i in range(2)]
     for r in recs:
         assert r["benchmark"] == "ruler" and r["prompt_tokens"] <= r["length"]
@@ -47,7 +48,8 @@ def test_every_sample_gets_a_scored_line(first_run):
         s = r["setting"]
         assert (s["context_parallel_mode"], s["hosts"], s["block_size"], s["anchor_size"]) == ("star", 2, 64, 64)
         assert r["context_tokens"] < r["prompt_tokens"] and r["blocks"] == -(-r["context_tokens"] // 64)
-    assert r["metric"] == "string_match_all" and len(recs[-1]["references"]) == 5  # vt: five variables
+    vt = [r for r in recs if r["task"] == "vt"]
+    assert all(r["metric"] == "string_match_all" and len(r["references"]) == 5 for r in vt)  # five variables
     notes = [line for line in res.stderr.splitlines() if "note: skipping" in line]
     assert len(notes) == 1 and "qa_1 (no eval.squad_path)" in notes[0]
 
@@ -60,10 +62,11 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_samples(first_run,
     res = eval_run(ckpt, cut)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "3 new samples (5 already in the file)" in res.stderr
-    # the same samples, once each, in order; generation is deterministic, so the redone ones match too
+    # the same samples, once each; generation is deterministic, so the redone ones match too
     timing = ("phase1_s", "phase2_s", "first_token_s", "decode_tokens_per_s")
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
-                          for line in path.read_text().splitlines()]
+    strip = lambda path: sorted(({k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+                                 for line in path.read_text().splitlines()),
+                                key=lambda r: (r["task"], r["length"], r["sample"]))
     assert strip(cut) == strip(full)
 
 

@@ -97,3 +97,39 @@ def test_temperature_top_k_and_top_p_draw_from_the_kept_tokens():
     target = torch.where(kept, probs, 0.0)
     stat, dof = _chi_square(_draw(row, 30000, temperature=t, top_p=0.6), target / target.sum())
     assert stat < _critical(dof), (stat, dof)
+
+
+def test_a_row_gets_the_same_whatever_work_its_batch_needs():
+    """The sampler does only what its rows need (SamplerWork.of: no sort without top-k / top-p, no draw for a
+    greedy batch, no log-softmax without log-probs); each row's token and log-probs are those of the full work."""
+    from types import SimpleNamespace
+
+    from star_mcore.ops.sampling import SamplerWork
+
+    logits = _logits(6, seed=4)
+    settings = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=7),
+                dict(temperature=1.3, top_p=0.8), dict(temperature=0.0, logprobs=3), dict(temperature=2.0)]
+    rows = [SimpleNamespace(**{"top_k": 0, "top_p": 1.0, "logprobs": 0, **s}) for s in settings]
+    p = SamplingParams(torch.tensor([r.temperature for r in rows]), torch.tensor([r.top_k for r in rows]),
+                       torch.tensor([r.top_p for r in rows]), torch.arange(6) * 31 + 2, torch.full((6,), 4))
+    full = sample(logits, p)
+    assert SamplerWork.of(rows) == SamplerWork(True, True, True)
+    assert SamplerWork.of(rows[:2]) == SamplerWork(True, False, False)
+    assert SamplerWork.of([rows[0], None]) == SamplerWork(False, False, False)
+    assert SamplerWork.of([rows[0], rows[4]]) == SamplerWork(False, False, True)
+    for i, r in enumerate(rows):
+        one = SamplingParams(*(t[i:i + 1] for t in (p.temperature, p.top_k, p.top_p, p.seed, p.counter)))
+        work = SamplerWork.of([r])
+        token, lp, top_ids, top_lp = sample(logits[i:i + 1], one, work)
+        assert token.item() == full[0][i].item(), settings[i]
+        if work.logprobs:
+            assert lp.item() == full[1][i].item() and torch.equal(top_ids[0], full[2][i])
+        else:
+            assert lp.item() == 0 and not top_lp.any()
+    # rows 1 and 5 draw without a sort alone, and with one beside rows 2 and 3: the same tokens, over many draws
+    n = 2000
+    many = SamplingParams(torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n), torch.arange(n),
+                          torch.zeros(n, dtype=torch.long))
+    sorted_tokens = sample(logits[1].expand(n, V).contiguous(), many)[0]
+    plain_tokens = sample(logits[1].expand(n, V).contiguous(), many, SamplerWork(True, False, False))[0]
+    assert torch.equal(sorted_tokens, plain_tokens) and len(set(plain_tokens.tolist())) > 5

@@ -1,4 +1,4 @@
-"""``star-mcore`` / ``python -m star_mcore``: generate, eval, eval-report, plan, config, make-tiny-llama,
+"""``star-mcore`` / ``python -m star_mcore``: generate, serve, eval, eval-report, plan, config, make-tiny-llama,
 make-smollm2, demo."""
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..inference.runner import run_generation
 
     return run_generation(load_config(args.config, args.overrides))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve.loop import run_serve
+
+    return run_serve(load_config(args.config, args.overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="run inference on a JSONL of requests (under torchrun for CP/TP > 1)")
     _config_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (rank 0 listens on serve.host:serve.port; "
+                                     "under torchrun for CP/TP > 1)")
+    _config_args(p)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("eval", help="RULER or BABILong tasks through the engine (under torchrun for CP/TP > 1)")
     bench = p.add_subparsers(dest="benchmark", required=True)
     for name in ("ruler", "babilong"):

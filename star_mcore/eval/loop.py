@@ -1,7 +1,8 @@
 """``star-mcore eval ruler|babilong``: every (task, length, sample) through the engine, one JSON line each.
 
-Every rank builds the same samples (the generators are seeded) and runs them through ``Engine.generate`` in the
-configured mode; the writer rank appends one line per finished sample and flushes it. A rerun with the same
+Every rank builds the same samples (the generators are seeded) and runs them through the continuous batch in the
+configured mode (greedy: each sample gets what it gets alone); the writer rank appends one line per finished
+sample, as it finishes, and flushes it. A rerun with the same
 ``eval.output_path`` skips the samples that file already holds for the same setting, so an interrupted run
 resumes without redoing or losing samples.
 """
@@ -17,6 +18,9 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import ConfigError, RunError
+from ..inference.batch import ContinuousBatch, Job
+from ..inference.engine import Generation, Sampling
+from ..inference.planner import kv_pool_pages
 from ..inference.requests import ResultWriter, read_records
 from ..inference.runner import log, open_session, preflight
 from ..model.checkpoint import open_checkpoint
@@ -104,39 +108,50 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
         bar = tqdm(total=total, disable=writer is None, desc=f"{benchmark} {setting['context_parallel_mode']}",
                    unit="sample", dynamic_ncols=True)
         scores: Dict[str, List[float]] = {}
-        try:
-            for task in tasks:
-                for length in ev.lengths:
-                    for i in range(ev.samples):
-                        if (task.name, length, i) in done:
-                            bar.update(1)
-                            continue
-                        try:
-                            sample = task.make(ev.seed, i, length, tok, data=data.get(task.name))
-                        except TooShort as e:
-                            if writer:
-                                log(f"note: {task.name} at {length} tokens skipped: {e}")
-                            bar.update(ev.samples - i)
-                            break
-                        ctx, qry = tok.prompt(sample.context, sample.query)  # the chat template, if configured
-                        if max(ctx + qry) >= arch.vocab_size:
-                            raise RunError(f"{ckpt}: the tokenizer's ids exceed the model's "
-                                           f"vocabulary ({arch.vocab_size})")
-                        gen = s.engine.generate(torch.tensor(ctx), torch.tensor(qry),
-                                                tokens_to_generate=budget[task.name])
-                        prediction = tok.decode(gen.generated_ids)
-                        score = task.score(prediction, sample.references)
-                        scores.setdefault(task.name, []).append(score)
-                        if writer:
-                            writer.write({"benchmark": benchmark, "task": task.name, "length": length, "sample": i,
-                                          "depth": sample.depth, "prompt_tokens": sample.tokens,
-                                          "context_tokens": len(ctx), "blocks": blocks(cfg, len(ctx)),
-                                          "prediction": prediction, "references": sample.references,
-                                          "metric": task.metric, "score": score, **gen.timings,
-                                          "setting": setting})
+        prompts = []  # (task, length, index, sample, context ids, query ids), in order
+        for task in tasks:
+            for length in ev.lengths:
+                for i in range(ev.samples):
+                    if (task.name, length, i) in done:
                         bar.update(1)
-                        bar.set_postfix(task=task.name, length=length,
-                                        mean=f"{100 * sum(scores[task.name]) / len(scores[task.name]):.1f}")
+                        continue
+                    try:
+                        sample = task.make(ev.seed, i, length, tok, data=data.get(task.name))
+                    except TooShort as e:
+                        if writer:
+                            log(f"note: {task.name} at {length} tokens skipped: {e}")
+                        bar.update(ev.samples - i)
+                        break
+                    ctx, qry = tok.prompt(sample.context, sample.query)  # the chat template, if configured
+                    if max(ctx + qry) >= arch.vocab_size:
+                        raise RunError(f"{ckpt}: the tokenizer's ids exceed the model's vocabulary ({arch.vocab_size})")
+                    prompts.append((task, length, i, sample, ctx, qry))
+
+        def emit(job: Job, gen) -> None:
+            task, length, i, sample, ctx = job.tag
+            if not isinstance(gen, Generation):
+                raise RunError(f"{task.name} at {length} tokens, sample {i}: {gen}")
+            prediction = tok.decode(gen.generated_ids)
+            score = task.score(prediction, sample.references)
+            scores.setdefault(task.name, []).append(score)
+            if writer:
+                writer.write({"benchmark": benchmark, "task": task.name, "length": length, "sample": i,
+                              "depth": sample.depth, "prompt_tokens": sample.tokens, "context_tokens": len(ctx),
+                              "blocks": blocks(cfg, len(ctx)), "prediction": prediction,
+                              "references": sample.references, "metric": task.metric, "score": score,
+                              **gen.timings, "setting": setting})
+            bar.update(1)
+            bar.set_postfix(task=task.name, length=length,
+                            mean=f"{100 * sum(scores[task.name]) / len(scores[task.name]):.1f}")
+
+        # the samples decode together (inference.max_batch_size): greedy, so each gets what it would alone
+        jobs = [Job(torch.tensor(ctx), torch.tensor(qry), Sampling(budget[task.name]),
+                    tag=(task, length, i, sample, ctx)) for task, length, i, sample, ctx, qry in prompts]
+        try:
+            if jobs:
+                pages = kv_pool_pages(cfg, arch, [(tuple(j.context_ids.tolist()), len(j.context_ids), j.own_tokens)
+                                                  for j in jobs])
+                ContinuousBatch(s.engine).run(jobs, emit, pages=pages)
         finally:
             bar.close()
             if writer:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from ..parallel.groups import reduce_max
-from .decode import DecodeRow
+from .decode import DecodeRow, Launched
 from .engine import Encoded, Engine, Generation, Sampling
 from .kv_cache import KVSequence
 from .planner import context_pages, pages_wanted
@@ -74,13 +74,23 @@ class _Running:
 
 
 class ContinuousBatch:
-    """Runs jobs through ``engine`` with at most ``inference.max_batch_size`` decoding together."""
+    """Runs jobs through ``engine`` with at most ``inference.max_batch_size`` decoding together.
 
-    def __init__(self, engine: Engine) -> None:
+    Two ways to drive it, one loop underneath: :meth:`run` answers a list or stream of jobs to the end
+    (``generate``, ``eval``); a server calls :meth:`open`, then :meth:`offer`, :meth:`cancel` and :meth:`step`
+    as requests come and go, and :meth:`close`. ``max_resident_tokens``: contexts nobody uses are evicted, least
+    recently used first, while all held contexts exceed it (None: only when their pages are needed).
+    ``on_token(job, token, logprob)``: called for every token a request gets, as it gets it (streaming)."""
+
+    def __init__(self, engine: Engine, max_resident_tokens: Optional[int] = None,
+                 on_token: Optional[Callable[[Job, int, Optional[Dict[str, Any]]], None]] = None) -> None:
         self.engine = engine
+        self.max_resident_tokens = max_resident_tokens
+        self.on_token = on_token
         self.slots: List[Optional[_Running]] = [None] * engine.inference.max_batch_size
         self.contexts: Dict[bytes, _Held] = {}
         self.free: List[int] = []  # free pages of every host's pool (the same bookkeeping on every rank)
+        self.in_flight: Optional[Launched] = None  # a launched step not yet read (pipelined decode loops)
 
     # --- pages -----------------------------------------------------------------------------------------------
     def _context_pages(self, job: Job) -> List[int]:
@@ -105,13 +115,68 @@ class ContinuousBatch:
             self._drop(k)
         return self._fits(need)
 
+    def _trim(self) -> None:
+        """Evict idle contexts, least recently used first, while the held ones exceed ``max_resident_tokens``."""
+        if self.max_resident_tokens is None:
+            return
+        held = sum(len(h.encoded.context_ids) for h in self.contexts.values())
+        for _, k in sorted((h.last_used, k) for k, h in self.contexts.items() if h.users == 0):
+            if held <= self.max_resident_tokens:
+                break
+            held -= len(self.contexts[k].encoded.context_ids)
+            self._drop(k)
+
     def _drop(self, key: bytes) -> None:
         held = self.contexts.pop(key)
         self.engine.pool.release(held.encoded.seq)
         self.free = [f + p for f, p in zip(self.free, held.pages)]
 
     # --- the loop --------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Some request is decoding."""
+        return any(self.slots)
+
+    @torch.inference_mode()  # as before the split: the pool is made where it is used
+    def open(self, pages: int) -> None:
+        """Take a pool of ``pages`` pages per host (the same on every rank); nothing is held yet."""
+        pool = self.engine.reserve(pages)
+        self.free = [pool.pages - 1] * self.engine.groups.cp_size
+
+    def close(self) -> None:
+        """Release every held context (no request may be running; a step still in flight holds only ended
+        requests' rows)."""
+        self.in_flight = None
+        for key in list(self.contexts):
+            self._drop(key)
+
     @torch.inference_mode()
+    def offer(self, job: Job, emit: Callable[[Job, Outcome], None]) -> bool:
+        """Admit ``job`` if a slot is free and its pages fit (evicting idle contexts for them): its phase 1 (unless
+        its context is held) and query pass run now. False: not now, offer it again after a step. A job that can
+        never fit, or whose phase 1 fails, is emitted as its error (True: it is dealt with)."""
+        if None not in self.slots:
+            return False
+        key = job.context_ids.numpy().tobytes()
+        need = self._need(job, key)
+        if not self._fits(need) and not self._make_room(need, keep=key):
+            if self.busy:
+                return False  # wait for a running request to leave its pages
+            emit(job, RequestError(f"needs {max(need)} KV pages of {self.engine.inference.kv_page_size} tokens on "
+                                   f"one host, more than the pool's {self.engine.pool.pages - 1}"))
+            return True
+        self._admit(job, key, emit)
+        return True
+
+    def cancel(self, tag: Any) -> bool:
+        """End the running request whose job has ``tag`` without a result (its client left); False if none."""
+        for i, r in enumerate(self.slots):
+            if r is not None and r.job.tag == tag:
+                self._leave(r)
+                self.slots[i] = None
+                return True
+        return False
+
     def run(self, jobs: Iterable[Job], emit: Callable[[Job, Outcome], None], pages: Optional[int] = None,
             stop: Optional[Callable[[], bool]] = None) -> bool:
         """Answer ``jobs`` in order of admission, calling ``emit`` as each one ends (a Generation, or the
@@ -127,35 +192,25 @@ class ContinuousBatch:
                                      [(j.context_ids.numpy().tobytes(), len(j.context_ids), j.own_tokens)
                                       for j in jobs])
             pages = 1 + wanted
-        pool = self.engine.reserve(pages)
-        self.free = [pool.pages - 1] * self.engine.groups.cp_size
+        self.open(pages)
         pending = iter(jobs)
         nxt = next(pending, None)
         try:
-            while nxt is not None or any(self.slots):
+            while nxt is not None or self.busy:
                 while nxt is not None and None in self.slots:
                     # every rank asks at the same point of the loop: a stop on any rank stops all
                     if stop is not None and reduce_max([float(stop())], self.engine.groups.device)[0]:
-                        while any(self.slots):  # the running ones finish; nothing new starts
-                            self._step(emit)
+                        while self.busy:  # the running ones finish; nothing new starts
+                            self.step(emit)
                         return False
-                    key = nxt.context_ids.numpy().tobytes()
-                    need = self._need(nxt, key)
-                    if not self._fits(need) and not self._make_room(need, keep=key):
-                        if any(self.slots):
-                            break  # wait for a running request to leave its pages
-                        total = pool.pages - 1
-                        emit(nxt, RequestError(f"needs {max(need)} KV pages of {self.engine.inference.kv_page_size} "
-                                               f"tokens on one host, more than the pool's {total}"))
-                    else:
-                        self._admit(nxt, key, emit)
+                    if not self.offer(nxt, emit):
+                        break
                     nxt = next(pending, None)
-                if any(self.slots):
-                    self._step(emit)
+                if self.busy:
+                    self.step(emit)
             return True
         finally:
-            for key in list(self.contexts):
-                self._drop(key)
+            self.close()
 
     def _admit(self, job: Job, key: bytes, emit: Callable[[Job, Outcome], None]) -> None:
         eng, g = self.engine, self.engine.groups
@@ -186,7 +241,16 @@ class ContinuousBatch:
         if not self._accept(r, choice, emit):
             self.slots[self.slots.index(None)] = r
 
-    def _step(self, emit: Callable[[Job, Outcome], None]) -> None:
+    @torch.inference_mode()
+    def step(self, emit: Callable[[Job, Outcome], None]) -> None:
+        """One token for every running request; those that end are emitted and leave their slots. Pipelined
+        decode loops: the step is launched and the one before it read (the host's reading overlaps the device's
+        next step; a row of a request that has ended since is dropped); eager: this one is read."""
+        decoder = self.engine.decoder
+        if self.in_flight is not None and self.in_flight.requests != self._requests():
+            self._read_in_flight(emit)  # the slots changed: the decoder refills from the host's tokens, so read first
+            if not self.busy:
+                return
         rows: List[Optional[DecodeRow]] = []
         for r in self.slots:
             if r is None:
@@ -195,12 +259,29 @@ class ContinuousBatch:
             s, job = r.job.sampling, r.job
             position = len(job.context_ids) + len(job.query_ids) + len(r.tokens) - 1
             rows.append(DecodeRow(r.number, r.tokens[-1], position, r.held.encoded.seq, r.own, s.temperature,
-                                  s.top_k, s.top_p, s.seed, counter=len(r.tokens)))
-        verdicts = self.engine.decoder.step(self.engine.pool, rows)
+                                  s.top_k, s.top_p, s.seed, s.logprobs, counter=len(r.tokens)))
+        launched = decoder.launch(self.engine.pool, rows)
+        self._read_in_flight(emit)
+        if decoder.pipelined:
+            self.in_flight = launched
+        else:
+            self._read(launched, emit)
+
+    def _requests(self) -> tuple:
+        return tuple(None if r is None else r.number for r in self.slots)
+
+    def _read_in_flight(self, emit: Callable[[Job, Outcome], None]) -> None:
+        if self.in_flight is not None:
+            launched, self.in_flight = self.in_flight, None
+            self._read(launched, emit)
+
+    def _read(self, launched: Launched, emit: Callable[[Job, Outcome], None]) -> None:
+        """Take a step's tokens for the requests still in the slots it was launched with."""
         n_layers = self.engine.model.arch.num_layers
-        for i, (r, row) in enumerate(zip(self.slots, verdicts)):
-            if r is None:
-                continue
+        for i, (number, row) in enumerate(zip(launched.requests, launched.rows())):
+            r = self.slots[i]
+            if r is None or r.number != number:
+                continue  # idle at the launch, or ended since (this row was computed after its last token)
             if r.own is not None:
                 r.own.set_length(len(r.job.query_ids) + len(r.tokens))  # the fed token's K, V are held now
             if self._accept(r, Choice.read(row, n_layers, step=len(r.tokens)), emit):
@@ -214,9 +295,12 @@ class ContinuousBatch:
             emit(job, NumericalError(choice.error))
             return True
         r.tokens.append(choice.token)
+        entry = None
         if s.logprobs:
-            r.logprobs.append({"id": choice.token, "logprob": choice.logprob,
-                               "top": [list(x) for x in choice.top[: s.logprobs]]})
+            entry = {"id": choice.token, "logprob": choice.logprob, "top": [list(x) for x in choice.top[: s.logprobs]]}
+            r.logprobs.append(entry)
+        if self.on_token is not None:
+            self.on_token(job, choice.token, entry)
         reason = None
         if choice.token in self.engine.eos_token_ids:
             reason = "eos"
@@ -241,3 +325,4 @@ class ContinuousBatch:
             self.engine.pool.release(r.own)
         self.free[-1] += r.own_pages
         r.held.users -= 1
+        self._trim()

@@ -7,10 +7,17 @@ layer, one verdict broadcast.
             kernel over the batch's groups (each context read once for all the requests over it, each
             request's own tokens apart), lengths, page tables and sampling parameters as device tensors.
 ``graph``   the static step captured as a CUDA graph and replayed: no per-step Python or launch cost. One
-            graph per shape of the batch (the most requests sharing one context, the kernel's split count),
-            kept for the engine's lifetime: a new request only rewrites the device tensors it replays on.
+            graph per shape of the batch (the most requests sharing one context, the kernel's split count)
+            and per sampler work (``ops.sampling.SamplerWork``: a greedy batch captures no sort), kept for
+            the engine's lifetime: a new request only rewrites the device tensors it replays on.
             Where graphs cannot be used (not CUDA, or the capture fails) it runs the static step without a
             graph, after one log line saying why.
+
+A loop's ``launch`` puts one step on the device and returns it as :class:`Launched`, whose verdict rows are read
+when asked. The static loops advance every slot's state on the device, so the batch can launch the next step
+before it reads this one (``pipelined``): the host's bookkeeping then overlaps the device's work instead of
+leaving the device idle between steps. The eager loop reads its sequences' lengths on the host, so it runs one
+step at a time.
 
 Every loop gives the same tokens (greedy and seeded sampling alike: the sampler's noise depends only on a
 request's seed and token index).
@@ -26,7 +33,7 @@ import torch.distributed as dist
 
 from ..config import DECODE_LOOPS
 from ..ops.paged_attention import PagedKernel, PagedLayout, resolve_paged_kernel, split_count
-from ..ops.sampling import SamplingParams
+from ..ops.sampling import SamplerWork, SamplingParams
 from .host import Host
 from .kv_cache import KVPool, KVSequence
 from .logs import log
@@ -50,7 +57,29 @@ class DecodeRow:
     top_k: int
     top_p: float
     seed: int
+    logprobs: int
     counter: int  # the index of the token this step chooses
+
+
+@dataclass
+class Launched:
+    """A decode step on its way: the request in each slot when it was launched, and its verdict rows [slots,
+    width] float64 on the host, complete once ``done`` (recorded after their copy) has passed."""
+
+    requests: Tuple[Optional[int], ...]
+    verdict: Tensor
+    done: Optional["torch.cuda.Event"] = None
+
+    def rows(self) -> List[Optional[List[float]]]:
+        """Each slot's verdict row (None for a slot idle at the launch); waits for the step."""
+        if self.done is not None:
+            self.done.synchronize()
+        out = self.verdict.tolist()
+        return [None if r is None else out[s] for s, r in enumerate(self.requests)]
+
+
+def _requests(rows: Sequence[Optional[DecodeRow]]) -> Tuple[Optional[int], ...]:
+    return tuple(None if r is None else r.request for r in rows)
 
 
 def _fill_params(p: SamplingParams, rows: Sequence[Optional[DecodeRow]]) -> None:
@@ -62,10 +91,12 @@ def _fill_params(p: SamplingParams, rows: Sequence[Optional[DecodeRow]]) -> None
 
 
 class EagerDecode:
+    pipelined = False
+
     def __init__(self, host: Host) -> None:
         self.host = host
 
-    def step(self, pool: KVPool, rows: Sequence[Optional[DecodeRow]]) -> List[Optional[List[float]]]:
+    def launch(self, pool: KVPool, rows: Sequence[Optional[DecodeRow]]) -> Launched:
         h, m, g = self.host, self.host.model, self.host.groups
         busy = [r for r in rows if r is not None]
         dev = g.device
@@ -75,9 +106,10 @@ class EagerDecode:
         with m.attending(EagerBatchStep(h.attn, [(r.context, r.own) for r in busy], g.cp)):
             m.runtime.reset_guard(dev, rows=len(busy))
             hidden = m.hidden(torch.tensor([r.token for r in busy]), torch.tensor([r.position for r in busy]))
-        decide(h, hidden, params, verdict)
-        it = iter(verdict.tolist())
-        return [None if r is None else next(it) for r in rows]
+        decide(h, hidden, params, SamplerWork.of(busy), verdict)
+        full = torch.zeros(len(rows), verdict.shape[1], dtype=torch.float64)
+        full[[s for s, r in enumerate(rows) if r is not None]] = verdict.cpu()
+        return Launched(_requests(rows), full)
 
 
 class _Inputs:
@@ -153,13 +185,20 @@ _SAID: set = set()  # the reasons already logged
 class StaticDecode:
     """The static step over ``slots`` slots, replayed from CUDA graphs when ``graphs`` (and the device allows)."""
 
+    pipelined = True
+
     def __init__(self, host: Host, slots: int, graphs: bool, kernel: Optional[PagedKernel] = None) -> None:
         self.host, self.slots, self.graphs = host, slots, graphs
         self.kernel = kernel or resolve_paged_kernel(host.groups.device)
         dev = host.groups.device
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self._inputs: Dict[Tuple[int, int], _Inputs] = {}
-        self._graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self._graphs: Dict[Tuple[int, int, SamplerWork], "torch.cuda.CUDAGraph"] = {}
+        # two host copies of the verdict: one step read while the next runs (pinned, so the copy is async)
+        pin = dev.type == "cuda"
+        self._out = [torch.zeros(slots, width(host.model.arch.vocab_size), dtype=torch.float64, pin_memory=pin)
+                     for _ in range(2)]
+        self._launches = 0
         self._pool: Optional[KVPool] = None
         self._filled: Optional[tuple] = None  # (shape, the request in each slot) the device state holds now
         self.replays = 0  # steps replayed from a graph (the tests read it)
@@ -171,7 +210,10 @@ class StaticDecode:
             log(f"decode: {why}; running the static decode step without a CUDA graph (same tokens, slower)")
         _SAID.add(why)
 
-    def step(self, pool: KVPool, rows: Sequence[Optional[DecodeRow]]) -> List[Optional[List[float]]]:
+    def launch(self, pool: KVPool, rows: Sequence[Optional[DecodeRow]]) -> Launched:
+        """One step of ``rows``. The device state is written from the rows only when the requests in the slots
+        changed since the last launch; otherwise it has advanced on the device and the rows' tokens and
+        positions are not read (they may lag by the steps still in flight)."""
         h, m, g = self.host, self.host.model, self.host.groups
         if len(rows) != self.slots:
             raise ValueError(f"the static step runs {self.slots} slots, got {len(rows)}")
@@ -184,13 +226,15 @@ class StaticDecode:
             if r is not None and all(c is not r.context for c in contexts):
                 contexts.append(r.context)
         most = max(sum(r is not None and r.context is c for r in rows) for c in contexts)
-        key = (1 << (most - 1).bit_length(), split_count(len(contexts), pool.k[0].shape[0], self.sms))
-        if key not in self._inputs:
+        shape = (1 << (most - 1).bit_length(), split_count(len(contexts), pool.k[0].shape[0], self.sms))
+        if shape not in self._inputs:
             width_pages = -(-m.arch.max_position_embeddings // pool.page_size)
-            self._inputs[key] = _Inputs(self.slots, key[0], key[1], width_pages, m.arch.vocab_size,
-                                        g.is_query_host, g.device)
-        x = self._inputs[key]
-        filled = (key, tuple(None if r is None else r.request for r in rows))
+            self._inputs[shape] = _Inputs(self.slots, shape[0], shape[1], width_pages, m.arch.vocab_size,
+                                          g.is_query_host, g.device)
+        x = self._inputs[shape]
+        work = SamplerWork.of(rows)
+        key = (*shape, work)
+        filled = (shape, _requests(rows))
         if filled != self._filled:  # new requests, or some left: the host writes the whole state
             x.fill(rows, contexts)
         self._filled = filled
@@ -199,7 +243,7 @@ class StaticDecode:
             with m.attending(PagedBatchStep(self.kernel, pool, x.layout, x.write_at, g.cp)):
                 m.runtime.reset_guard(g.device, rows=self.slots)
                 hidden = m.hidden(x.tokens, x.positions)
-            decide(h, hidden, x.params, x.verdict)
+            decide(h, hidden, x.params, work, x.verdict)
             x.advance(pool.page_size)
 
         use_graph = self.graphs
@@ -213,8 +257,14 @@ class StaticDecode:
             self.replays += 1
         elif not self._capture(key, run, lambda: x.fill(rows, contexts)):
             run()
-        out = x.verdict.tolist()
-        return [None if r is None else out[s] for s, r in enumerate(rows)]
+        out = self._out[self._launches % 2]
+        self._launches += 1
+        out.copy_(x.verdict, non_blocking=True)
+        done = None
+        if g.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(filled[1], out, done)
 
     def _capture(self, key, run, refill) -> bool:
         """Capture ``run`` for ``key`` and replay it once (this step). A shape seen for the first time runs

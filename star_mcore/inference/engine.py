@@ -13,7 +13,7 @@ import torch
 from ..config import InferenceConfig
 from ..model.llama import StarLlama
 from ..ops.attention import resolve_backend
-from ..ops.sampling import SamplingParams
+from ..ops.sampling import SamplerWork, SamplingParams
 from ..parallel.groups import ParallelGroups, reduce_max
 from .decode import decode_loop
 from .host import Host
@@ -150,7 +150,7 @@ class Engine:
         with m.attending(QueryStep(self.host.attn, context.seq, own, g.cp)):
             m.runtime.reset_guard(g.device)
             hidden = m.hidden(query_ids, torch.arange(start, start + len(query_ids)))
-        logits = decide(self.host, hidden[-1:], params, verdict)
+        logits = decide(self.host, hidden[-1:], params, SamplerWork.of([sampling]), verdict)
         return Choice.read(verdict[0].tolist(), m.arch.num_layers, step=0), logits
 
     def generate(self, context_ids: Tensor, query_ids: Tensor, save_logits: bool = False,

@@ -141,3 +141,14 @@ def kv_pool_pages(cfg: RunConfig, arch: LlamaArch, requests: Sequence[Tuple[Hash
     per_page = inf.kv_page_size * kv_bytes_per_token(arch, cfg.model.tensor_model_parallel_size, cfg.model.precision)
     budget = (device_capacity(cfg) - p.weights - p.activations - p.overhead) // per_page
     return 1 + max(largest, min(wanted, budget))  # + the scratch page
+
+
+def serve_pool_pages(cfg: RunConfig, arch: LlamaArch) -> int:
+    """Pages of each host's KV pool for ``serve``, where the requests are not known in advance:
+    ``serve.kv_pool_tokens`` if set, else what ``inference.max_batch_size`` requests of the model's full length
+    need at once, capped by memory as :func:`kv_pool_pages` caps a run's."""
+    inf, n = cfg.inference, arch.max_position_embeddings
+    if cfg.serve.kv_pool_tokens:
+        return 1 + -(-cfg.serve.kv_pool_tokens // inf.kv_page_size)
+    return kv_pool_pages(cfg, arch, [(i, n - inf.tokens_to_generate - 1, inf.tokens_to_generate + 1)
+                                     for i in range(inf.max_batch_size)])

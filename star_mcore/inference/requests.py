@@ -107,6 +107,20 @@ class Tokenizer:
         return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
 
 
+    def encode_messages(self, messages: List[Dict[str, str]]) -> Tuple[List[int], List[int]]:
+        """A chat's turns in the chat template, cut where the last message's content starts: (context ids: the
+        turns before it, for phase 1; query ids: the last message and the assistant header, for phase 2)."""
+        tok = self._get()
+        if not getattr(tok, "chat_template", None):
+            raise RequestError(f"chat messages, but the tokenizer of {self.hf_path} has no chat template")
+        cut = "\uE000"  # a private-use character: never in real text
+        turns = [dict(m) for m in messages]
+        turns[-1]["content"] = cut + turns[-1]["content"]
+        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        head, tail = text.split(cut, 1)
+        return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
+
+
 def _ids(value: Any, key: str, vocab_size: int) -> List[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise RequestError(f"{key} must be a list of integers")

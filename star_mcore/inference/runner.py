@@ -93,14 +93,15 @@ def open_session(cfg: RunConfig, arch: LlamaArch, tokenizer: Optional[Tokenizer]
     destroy_parallel()
 
 
-def _job(req: Request, inf, tokenizer: Tokenizer, line_no: int) -> Job:
+def request_job(req: Request, inf, tokenizer: Tokenizer, tag) -> Job:
+    """The batch's job for a parsed request (the same on every rank); ``tag`` comes back with its outcome."""
     sampling = Sampling(req.tokens_to_generate, req.temperature, req.top_k, req.top_p,
                         resolved_seed(req, inf.sampling.seed), req.stop_token_ids, req.logprobs)
     stopped = None
     if req.stop:
         stopped = lambda ids: any(x in tokenizer.decode(ids) for x in req.stop)  # noqa: E731
     return Job(torch.tensor(req.context_ids), torch.tensor(req.query_ids), sampling, save_logits=inf.save_logits,
-               stopped=stopped, tag=(line_no, req))
+               stopped=stopped, tag=tag)
 
 
 def _record(req: Request, out, tokenizer: Tokenizer) -> dict:
@@ -166,7 +167,7 @@ def run_generation(cfg: RunConfig) -> int:
                 if req.error is not None:
                     emit(req, req.error)
                 else:
-                    yield _job(req, inf, tokenizer, line_no)
+                    yield request_job(req, inf, tokenizer, (line_no, req))
 
         # SIGTERM (a scheduler's preemption, scancel): admit nothing more, finish what runs, keep every line
         stopped = []

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..ops.sampling import TOP_LOGPROBS, SamplingParams, sample
+from ..ops.sampling import TOP_LOGPROBS, SamplerWork, SamplingParams, sample
 from ..parallel.context_parallel import broadcast_from_last
 from .host import Host
 from .requests import RequestError
@@ -27,17 +27,17 @@ def width(vocab_size: int) -> int:
     return 3 + 2 * min(TOP_LOGPROBS, vocab_size)
 
 
-def decide(host: Host, hidden: Tensor, params: SamplingParams, out: Tensor) -> Optional[Tensor]:
+def decide(host: Host, hidden: Tensor, params: SamplingParams, work: SamplerWork, out: Tensor) -> Optional[Tensor]:
     """hidden [rows, 1, h] (one row per request: its last position) -> ``out`` [rows, width] float64 on the
     device, the same on every host. flags: the first layer whose attention output was not finite for that row,
-    num_layers if none, num_layers + 1 if only its logits were not. Returns the query host's float32 logits
-    [rows, vocab] (None elsewhere). No host sync."""
+    num_layers if none, num_layers + 1 if only its logits were not. ``work``: what the rows' settings need of
+    the sampler. Returns the query host's float32 logits [rows, vocab] (None elsewhere). No host sync."""
     g, m = host.groups, host.model
     n_layers = m.arch.num_layers
     logits = None
     if g.is_query_host:  # only the query host needs logits; the others learn the verdict below
         logits = m.logits(hidden)
-        token, logprob, top_ids, top_lp = sample(logits, params)
+        token, logprob, top_ids, top_lp = sample(logits, params, work)
         bad = m.runtime.first_nonfinite_layer()
         flags = torch.where(~torch.isfinite(logits).all(dim=-1) & (bad == n_layers), n_layers + 1, bad)
         t = top_ids.shape[1]

@@ -10,7 +10,7 @@ over the tokens top-k and top-p keep, which draws exactly from the softmax of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Iterable, Tuple
 
 import torch
 
@@ -37,6 +37,28 @@ class SamplingParams:
         return cls(z(torch.float32), z(torch.long), torch.ones(slots, device=device), z(torch.long), z(torch.long))
 
 
+@dataclass(frozen=True)
+class SamplerWork:
+    """What one call of :func:`sample` must compute for its rows, known on the host from their settings (a
+    decode loop keeps a CUDA graph per kind): ``draw``, some row samples (temperature > 0); ``filter``, some
+    drawing row keeps only its top-k / top-p; ``logprobs``, some row asks for log-probs. A greedy batch without
+    log-probs is one argmax instead of a sort, a hash and a log-softmax over the vocabulary. A row gets the
+    same token whatever work its batch does."""
+
+    draw: bool = True
+    filter: bool = True
+    logprobs: bool = True
+
+    @classmethod
+    def of(cls, settings: Iterable[Any]) -> "SamplerWork":
+        """``settings``: objects with ``temperature``, ``top_k``, ``top_p`` and ``logprobs`` (a request's, a
+        slot's); None entries (idle slots) need nothing."""
+        rows = [r for r in settings if r is not None]
+        drawing = [r for r in rows if r.temperature > 0]
+        return cls(bool(drawing), any(r.top_k > 0 or r.top_p < 1 for r in drawing),
+                   any(r.logprobs > 0 for r in rows))
+
+
 def _mul32(x: Tensor, c: int) -> Tensor:
     """(x * c) mod 2**32 for x in [0, 2**32), in int64 without overflow (16-bit halves)."""
     return ((x & 0xFFFF) * c + (((x >> 16) * c & 0xFFFF) << 16)) & _M32
@@ -60,24 +82,36 @@ def uniform_noise(seed: Tensor, counter: Tensor, ids: Tensor) -> Tensor:
     return (h.double() + 0.5) / 2.0 ** 32
 
 
-def sample(logits: Tensor, p: SamplingParams) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def sample(logits: Tensor, p: SamplingParams, work: SamplerWork = SamplerWork()
+           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits [S, V] float32 -> (token [S] int64, its log-prob [S], top ids [S, T], top log-probs [S, T]),
     T = min(TOP_LOGPROBS, V). Log-probs are the model's own distribution (log-softmax of the raw logits, before
-    temperature and filtering). Rows with temperature 0 take the argmax: exactly the greedy token."""
+    temperature and filtering); zeros where ``work`` has no ``logprobs``. Rows with temperature 0 take the
+    argmax: exactly the greedy token. ``work`` must cover every row's settings (:meth:`SamplerWork.of`)."""
     s, v = logits.shape
-    greedy = torch.argmax(logits, dim=-1)
-    temp = torch.where(p.temperature > 0, p.temperature, torch.ones_like(p.temperature))
-    scaled, ids = torch.sort(logits / temp[:, None], dim=-1, descending=True)
-    probs = torch.softmax(scaled, dim=-1)
-    rank = torch.arange(v, device=logits.device)
-    k = torch.where(p.top_k > 0, p.top_k, v)
-    # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-    keep = (rank[None, :] < k[:, None]) & ((torch.cumsum(probs, dim=-1) - probs) < p.top_p[:, None])
-    keep[:, 0] = True
-    gumbel = -torch.log(-torch.log(uniform_noise(p.seed, p.counter, ids)))
-    noisy = torch.where(keep, scaled.double() + gumbel, -torch.inf)
-    sampled = ids.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
-    token = torch.where(p.temperature > 0, sampled, greedy)
+    token = torch.argmax(logits, dim=-1)
+    if work.draw:
+        temp = torch.where(p.temperature > 0, p.temperature, torch.ones_like(p.temperature))
+        scaled = logits / temp[:, None]
+        rank = torch.arange(v, device=logits.device)
+        ids, keep = rank.expand(s, v), None
+        if work.filter:  # sorted, so that top-k and top-p are prefixes
+            scaled, ids = torch.sort(scaled, dim=-1, descending=True)
+            probs = torch.softmax(scaled, dim=-1)
+            k = torch.where(p.top_k > 0, p.top_k, v)
+            # top-p keeps the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+            keep = (rank[None, :] < k[:, None]) & ((torch.cumsum(probs, dim=-1) - probs) < p.top_p[:, None])
+            keep[:, 0] = True
+        # each token's noise is a function of its id, so the draw is the same sorted or not
+        noisy = scaled.double() - torch.log(-torch.log(uniform_noise(p.seed, p.counter, ids)))
+        if keep is not None:
+            noisy = torch.where(keep, noisy, -torch.inf)
+        sampled = ids.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
+        token = torch.where(p.temperature > 0, sampled, token)
+    t = min(TOP_LOGPROBS, v)
+    if not work.logprobs:
+        zeros = logits.new_zeros(s, t)
+        return token, logits.new_zeros(s), zeros.long(), zeros
     logp = torch.log_softmax(logits, dim=-1)
-    top_lp, top_ids = torch.topk(logp, min(TOP_LOGPROBS, v), dim=-1)
+    top_lp, top_ids = torch.topk(logp, t, dim=-1)
     return token, logp.gather(1, token[:, None])[:, 0], top_ids, top_lp

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,3 +101,22 @@ def reduce_max(values: List[float], device: torch.device) -> List[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def control_group() -> Optional[dist.ProcessGroup]:
+    """A gloo group over the whole world for small Python objects (a server's commands): on GPU the world's
+    NCCL group would spin a GPU kernel while ranks wait for the next request. None: the world group (already
+    gloo), or a world of one. Every rank must call it, at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def broadcast_from_rank0(value: Any, group: Optional[dist.ProcessGroup] = None) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank, in one broadcast over ``group`` (the world by
+    default): every rank then acts on the same thing, in the same order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
