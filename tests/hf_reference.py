@@ -61,14 +61,13 @@ def _landmarks(start: int, anchor: int, count: int, size: int) -> List[int]:
 
 
 @torch.no_grad()
-def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
-                  first_block: Optional[int] = None,
-                  landmarks: Optional[Tuple[int, int]] = None) -> Tuple[List[int], torch.Tensor]:
-    """Star Attention by hand: block k >= 1 encoded as anchor ++ block with positions [0..a) ++ block's own
-    (a = min(anchor, block start): an anchor longer than a block stops at the block), the anchor's KV dropped;
-    then the query attends to all kept KV and causally to itself. ``first_block`` sizes block 0 (the balanced
-    partition); ``landmarks`` = (count, size): each block k >= 1 also re-encodes those chunks of the tokens
-    between the anchor and itself, between the two, their KV dropped too."""
+def star_kv(path: str, ctx: List[int], block: int, anchor: int, first_block: Optional[int] = None,
+            landmarks: Optional[Tuple[int, int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Star Attention's phase 1 by hand, per layer the kept (k, v) [1, hk, L, d]: block k >= 1 encoded as
+    anchor ++ block with positions [0..a) ++ block's own (a = min(anchor, block start): an anchor longer than a
+    block stops at the block), the anchor's KV dropped. ``first_block`` sizes block 0 (the balanced partition);
+    ``landmarks`` = (count, size): each block k >= 1 also re-encodes those chunks of the tokens between the
+    anchor and itself, between the two, their KV dropped too."""
     hf = load_hf(path)
     parts = []
     starts = _block_starts(len(ctx), block, first_block)
@@ -79,17 +78,24 @@ def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int,
         pos = prefix + list(range(s, e))
         out = hf(torch.tensor([[ctx[p] for p in pos]]), position_ids=torch.tensor([pos]), use_cache=True)
         parts.append([(k[:, :, len(prefix):], v[:, :, len(prefix):]) for k, v in _kv(out)])
-    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
-          for i in range(len(parts[0]))]
-    return _decode(hf, kv, qry, len(ctx), n)
+    return [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
+            for i in range(len(parts[0]))]
+
+
+def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
+                  first_block: Optional[int] = None,
+                  landmarks: Optional[Tuple[int, int]] = None) -> Tuple[List[int], torch.Tensor]:
+    """:func:`star_kv`, then the query attends to all kept KV and causally to itself."""
+    kv = star_kv(path, ctx, block, anchor, first_block, landmarks)
+    return _decode(load_hf(path), kv, qry, len(ctx), n)
 
 
 @torch.no_grad()
-def star_previous_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
-                           first_block: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
-    """``anchor+previous`` by hand, block after block: block k >= 1 runs with HF's cache holding the anchor's KV
-    (block 0's first a tokens) and the KV kept for block k-1 past the anchor, so it sees those fully and itself
-    causally; its own KV is kept. Then the query as in :func:`star_generate`."""
+def star_previous_kv(path: str, ctx: List[int], block: int, anchor: int,
+                     first_block: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``anchor+previous``'s phase 1 by hand, block after block: block k >= 1 runs with HF's cache holding the
+    anchor's KV (block 0's first a tokens) and the KV kept for block k-1 past the anchor, so it sees those fully
+    and itself causally; its own KV is kept. Per layer (k, v) [1, hk, L, d]."""
     hf = load_hf(path)
     kept = []  # per block: per layer (k, v) of its tokens
     starts = _block_starts(len(ctx), block, first_block)
@@ -104,5 +110,11 @@ def star_previous_generate(path: str, ctx: List[int], qry: List[int], n: int, bl
         out = hf(torch.tensor([ctx[s:e]]), position_ids=torch.tensor([list(range(s, e))]), past_key_values=cache,
                  use_cache=True)
         kept.append([(k[:, :, past:], v[:, :, past:]) for k, v in _kv(out)])
-    kv = [(torch.cat([p[i][0] for p in kept], 2), torch.cat([p[i][1] for p in kept], 2)) for i in range(len(kept[0]))]
-    return _decode(hf, kv, qry, len(ctx), n)
+    return [(torch.cat([p[i][0] for p in kept], 2), torch.cat([p[i][1] for p in kept], 2)) for i in range(len(kept[0]))]
+
+
+def star_previous_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
+                           first_block: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
+    """:func:`star_previous_kv`, then the query as in :func:`star_generate`."""
+    kv = star_previous_kv(path, ctx, block, anchor, first_block)
+    return _decode(load_hf(path), kv, qry, len(ctx), n)

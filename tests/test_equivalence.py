@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from distributed import run_world
-from hf_reference import global_generate, load_hf, star_generate, star_previous_generate
+from hf_reference import (global_generate, load_hf, star_generate, star_kv, star_previous_generate,
+                          star_previous_kv)
 from workers import battery
 
 N_NEW = 4
@@ -54,6 +55,9 @@ KV_PAIRS = [{"name": f"b{b}-a{a}-{p}", "ctx": CONTEXTS["L64"][0], "block": b, "a
      "star_context": "long_anchor"},
     {"name": "b4-a2-landmarks", "ctx": CONTEXTS["L64"][0], "block": 4, "anchor": 2, "partition": "uniform",
      "star_context": "anchor+landmarks"}]
+# every star variant's phase 1 on L64 alone: its KV caches against the algorithm done by hand on HF's
+KEPT = [dict(name=v, ctx=CONTEXTS["L64"][0], block=b, anchor=a, anchor_mode=am, partition=p, star_context=sc,
+             landmarks=LANDMARKS) for v, (mode, b, a, am, p, sc) in VARIANTS.items() if mode == "star"]
 PHASE2 = [{"name": f"a{a}", "ctx": CONTEXTS["L64"][0], "qry": CONTEXTS["L64"][1], "block": 8, "anchor": a}
           for a in (0, 4, 8)]
 
@@ -83,7 +87,7 @@ def world_results(ckpt, world):
         tp, cp = WORLDS[world]
         full = CONTEXTS["L37"][0] if world == "cp1" else None
         _results[world] = run_world(tp * cp, battery, ckpt, tp, cp, _cases(world, ckpt), PHASE2, full,
-                                    "auto", "fp32", KV_PAIRS)
+                                    "auto", "fp32", KV_PAIRS, "cpu", "local", KEPT)
     return _results[world]
 
 
@@ -133,6 +137,36 @@ def test_star_with_anchor_is_an_approximation(gqa_ckpt, world, lname):
         star = torch.tensor(query_host_result(gqa_ckpt, world, f"{lname}/{variant}")["logits"])
         assert (star - exact).abs().max().item() > 1e-3
         assert (star - a0).abs().max().item() > 1e-3
+
+
+@lru_cache(maxsize=None)
+def reference_kv(ckpt, block, anchor, partition, star_context):
+    ctx = CONTEXTS["L64"][0]
+    first = block + anchor if partition == "balanced" else None
+    if star_context == "anchor+previous":
+        return star_previous_kv(ckpt, ctx, block, anchor, first)
+    return star_kv(ckpt, ctx, block, anchor, first, LANDMARKS if star_context == "anchor+landmarks" else None)
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+@pytest.mark.parametrize("variant", [c["name"] for c in KEPT])
+def test_star_kv_cache_is_the_algorithm_by_hand(gqa_ckpt, world, variant):
+    """Each host's KV cache after phase 1, hosts in order and TP ranks' heads side by side, equals star's phase
+    1 done by hand on HF's KV cache, for every star_context (and the shared anchor and recompute)."""
+    tp, cp = WORLDS[world]
+    _, block, anchor, _, partition, star_context = VARIANTS[variant]
+    ranks = world_results(gqa_ckpt, world)
+
+    def held(rank, layer, i, d):  # [hk / tp, n, d], n possibly 0
+        x = ranks[rank]["kept"][variant][layer][i]
+        return torch.tensor(x).reshape(len(x), len(x[0]), d)
+
+    for layer, (k_ref, v_ref) in enumerate(reference_kv(gqa_ckpt, block, anchor, partition, star_context)):
+        for i, ref in enumerate((k_ref, v_ref)):
+            d = ref.shape[-1]
+            got = torch.cat([torch.cat([held(h * tp + t, layer, i, d) for t in range(tp)]) for h in range(cp)], dim=1)
+            assert got.shape == ref[0].shape
+            assert (got - ref[0]).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("world", list(WORLDS))
