@@ -18,6 +18,7 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ACCELERATORS = ("cpu", "gpu")
 ANCHOR_MODES = ("shared", "recompute")
 PARTITIONS = ("uniform", "balanced")
+STAR_CONTEXTS = ("anchor", "long_anchor", "anchor+previous", "anchor+landmarks")
 DECODE_LOOPS = ("graph", "static", "eager")
 ATTENTION_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn2", "flash_attn3",
                       "flash_attn4", "te")
@@ -69,6 +70,12 @@ class InferenceConfig:
     anchor_size: int = 4096  # star: tokens of c[0:anchor_size] prepended to blocks k >= 1; 0 = no anchor
     anchor_mode: str = "shared"  # star: shared (block 0's host sends the anchor KV) | recompute (paper: re-encode)
     partition: str = "uniform"  # star: uniform (blocks of block_size) | balanced (block 0 = block + anchor tokens)
+    # star: what block k >= 1 sees in phase 1 besides itself: anchor (c[0:a]) | long_anchor (c[0:min(a, start)],
+    # a may exceed block_size) | anchor+previous (and the previous block's phase-1 KV: one p2p hop per layer)
+    # | anchor+landmarks (and `landmarks` evenly spaced chunks of `landmark_size` tokens of c[a:start])
+    star_context: str = "anchor"
+    landmarks: int = 4  # star_context=anchor+landmarks: chunks per block
+    landmark_size: int = 64  # star_context=anchor+landmarks: tokens per chunk
     tokens_to_generate: int = 32
     input_path: str = ""  # generate: JSONL of {"id", "context_ids", "query_ids"} or {"id", "context", "query"}
     output_path: str = ""  # generate: JSONL, one line per request, in input order
@@ -164,6 +171,12 @@ def validate(cfg: RunConfig) -> None:
          f"inference.anchor_mode must be one of {', '.join(ANCHOR_MODES)}, got {inf.anchor_mode!r}")
     need(inf.partition in PARTITIONS,
          f"inference.partition must be one of {', '.join(PARTITIONS)}, got {inf.partition!r}")
+    need(inf.star_context in STAR_CONTEXTS,
+         f"inference.star_context must be one of {', '.join(STAR_CONTEXTS)}, got {inf.star_context!r}")
+    need(inf.star_context != "anchor+previous" or inf.anchor_mode == "shared",
+         "inference.star_context=anchor+previous needs inference.anchor_mode=shared")
+    need(inf.landmarks >= 1, f"inference.landmarks must be >= 1, got {inf.landmarks}")
+    need(inf.landmark_size >= 1, f"inference.landmark_size must be >= 1, got {inf.landmark_size}")
     ck = cfg.checkpoint
     need(bool(ck.hf_path) != bool(ck.megatron_path),
          "set exactly one of checkpoint.hf_path and checkpoint.megatron_path"
@@ -187,8 +200,9 @@ def validate(cfg: RunConfig) -> None:
     need(m.context_parallel_size >= 1, "model.context_parallel_size must be >= 1")
     need(inf.block_size > 0, f"inference.block_size must be > 0, got {inf.block_size}")
     need(inf.anchor_size >= 0, f"inference.anchor_size must be >= 0, got {inf.anchor_size}")
-    need(inf.anchor_size <= inf.block_size,
-         f"inference.anchor_size ({inf.anchor_size}) must be <= inference.block_size ({inf.block_size})")
+    need(inf.anchor_size <= inf.block_size or inf.star_context == "long_anchor",
+         f"inference.anchor_size ({inf.anchor_size}) must be <= inference.block_size ({inf.block_size}); "
+         "a longer anchor is inference.star_context=long_anchor")
     need(inf.tokens_to_generate >= 1, f"inference.tokens_to_generate must be >= 1, got {inf.tokens_to_generate}")
     need(inf.max_batch_size >= 1, f"inference.max_batch_size must be >= 1, got {inf.max_batch_size}")
     need(inf.kv_page_size >= 1, f"inference.kv_page_size must be >= 1, got {inf.kv_page_size}")

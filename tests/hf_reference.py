@@ -43,23 +43,78 @@ def global_generate(path: str, ctx: List[int], qry: List[int], n: int) -> Tuple[
     return _decode(hf, _kv(out), qry, len(ctx), n)
 
 
+def _block_starts(n: int, block: int, first_block: Optional[int]) -> List[int]:
+    return [0] + list(range(first_block or block, n, block))
+
+
+def _landmarks(start: int, anchor: int, count: int, size: int) -> List[int]:
+    """Positions of the landmark tokens before a block at ``start``: the stretch after the anchor cut into
+    ``count`` equal parts, the last ``size`` tokens of each (all of it where that would cover it)."""
+    lo = min(anchor, start)
+    if start - lo <= count * size:
+        return list(range(lo, start))
+    out = []
+    for i in range(count):
+        end = lo + (i + 1) * (start - lo) // count
+        out += list(range(end - size, end))
+    return out
+
+
 @torch.no_grad()
-def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
-                  first_block: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
-    """Star Attention by hand: block k >= 1 encoded as anchor ++ block with positions [0..a) ++ block's own,
-    the anchor's KV dropped; then the query attends to all kept KV and causally to itself.
-    ``first_block`` sizes block 0 (the balanced partition)."""
+def star_kv(path: str, ctx: List[int], block: int, anchor: int, first_block: Optional[int] = None,
+            landmarks: Optional[Tuple[int, int]] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Star Attention's phase 1 by hand, per layer the kept (k, v) [1, hk, L, d]: block k >= 1 encoded as
+    anchor ++ block with positions [0..a) ++ block's own (a = min(anchor, block start): an anchor longer than a
+    block stops at the block), the anchor's KV dropped. ``first_block`` sizes block 0 (the balanced partition);
+    ``landmarks`` = (count, size): each block k >= 1 also re-encodes those chunks of the tokens between the
+    anchor and itself, between the two, their KV dropped too."""
     hf = load_hf(path)
     parts = []
-    first = first_block or block
-    starts = [0] + list(range(first, len(ctx), block))
+    starts = _block_starts(len(ctx), block, first_block)
     for s, e in zip(starts, starts[1:] + [len(ctx)]):
-        blk = ctx[s:e]
-        a = anchor if s > 0 else 0
-        ids = ctx[:a] + blk
-        pos = list(range(a)) + list(range(s, s + len(blk)))
-        out = hf(torch.tensor([ids]), position_ids=torch.tensor([pos]), use_cache=True)
-        parts.append([(k[:, :, a:], v[:, :, a:]) for k, v in _kv(out)])
-    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
-          for i in range(len(parts[0]))]
-    return _decode(hf, kv, qry, len(ctx), n)
+        prefix = list(range(min(anchor, s)))
+        if landmarks and s > 0:
+            prefix += _landmarks(s, anchor, *landmarks)
+        pos = prefix + list(range(s, e))
+        out = hf(torch.tensor([[ctx[p] for p in pos]]), position_ids=torch.tensor([pos]), use_cache=True)
+        parts.append([(k[:, :, len(prefix):], v[:, :, len(prefix):]) for k, v in _kv(out)])
+    return [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
+            for i in range(len(parts[0]))]
+
+
+def star_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
+                  first_block: Optional[int] = None,
+                  landmarks: Optional[Tuple[int, int]] = None) -> Tuple[List[int], torch.Tensor]:
+    """:func:`star_kv`, then the query attends to all kept KV and causally to itself."""
+    kv = star_kv(path, ctx, block, anchor, first_block, landmarks)
+    return _decode(load_hf(path), kv, qry, len(ctx), n)
+
+
+@torch.no_grad()
+def star_previous_kv(path: str, ctx: List[int], block: int, anchor: int,
+                     first_block: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``anchor+previous``'s phase 1 by hand, block after block: block k >= 1 runs with HF's cache holding the
+    anchor's KV (block 0's first a tokens) and the KV kept for block k-1 past the anchor, so it sees those fully
+    and itself causally; its own KV is kept. Per layer (k, v) [1, hk, L, d]."""
+    hf = load_hf(path)
+    kept = []  # per block: per layer (k, v) of its tokens
+    starts = _block_starts(len(ctx), block, first_block)
+    for j, (s, e) in enumerate(zip(starts, starts[1:] + [len(ctx)])):
+        cache = DynamicCache()
+        if j > 0:
+            a, skip = min(anchor, s), max(0, anchor - starts[j - 1])
+            for i, ((ka, va), (kp, vp)) in enumerate(zip(kept[0], kept[j - 1])):
+                cache.update(torch.cat([ka[:, :, :a], kp[:, :, skip:]], 2),
+                             torch.cat([va[:, :, :a], vp[:, :, skip:]], 2), i)
+        past = cache.get_seq_length()
+        out = hf(torch.tensor([ctx[s:e]]), position_ids=torch.tensor([list(range(s, e))]), past_key_values=cache,
+                 use_cache=True)
+        kept.append([(k[:, :, past:], v[:, :, past:]) for k, v in _kv(out)])
+    return [(torch.cat([p[i][0] for p in kept], 2), torch.cat([p[i][1] for p in kept], 2)) for i in range(len(kept[0]))]
+
+
+def star_previous_generate(path: str, ctx: List[int], qry: List[int], n: int, block: int, anchor: int,
+                           first_block: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
+    """:func:`star_previous_kv`, then the query as in :func:`star_generate`."""
+    kv = star_previous_kv(path, ctx, block, anchor, first_block)
+    return _decode(load_hf(path), kv, qry, len(ctx), n)

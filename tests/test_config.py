@@ -23,7 +23,16 @@ def test_yaml_plus_overrides():
 
 @pytest.mark.parametrize("overrides,message", [
     (["inference.anchor_size=2048", "inference.block_size=1024"],
+     "inference.anchor_size (2048) must be <= inference.block_size (1024); "
+     "a longer anchor is inference.star_context=long_anchor"),
+    (["inference.anchor_size=2048", "inference.block_size=1024", "inference.star_context=anchor+previous"],
      "inference.anchor_size (2048) must be <= inference.block_size (1024)"),
+    (["inference.star_context=window"],
+     "inference.star_context must be one of anchor, long_anchor, anchor+previous, anchor+landmarks, got 'window'"),
+    (["inference.star_context=anchor+previous", "inference.anchor_mode=recompute"],
+     "inference.star_context=anchor+previous needs inference.anchor_mode=shared"),
+    (["inference.landmarks=0"], "inference.landmarks must be >= 1, got 0"),
+    (["inference.landmark_size=-1"], "inference.landmark_size must be >= 1, got -1"),
     (["inference.block_size=0"], "inference.block_size must be > 0, got 0"),
     (["inference.context_parallel_mode=tree"],
      "inference.context_parallel_mode must be one of star, ring, none, got 'tree'"),
@@ -42,6 +51,15 @@ def test_bad_values_are_refused_with_the_key(overrides, message):
         load_config(DEMO, REQUIRED + overrides)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_longer_anchor_is_its_own_option():
+    cfg = load_config(DEMO, REQUIRED + ["inference.anchor_size=3072", "inference.block_size=1024",
+                                        "inference.star_context=long_anchor"])
+    assert (cfg.inference.anchor_size, cfg.inference.star_context) == (3072, "long_anchor")
+    cfg = load_config(DEMO, REQUIRED + ["inference.star_context=anchor+landmarks", "inference.landmarks=8",
+                                        "inference.landmark_size=32"])
+    assert (cfg.inference.landmarks, cfg.inference.landmark_size) == (8, 32)
 
 
 def test_exactly_one_checkpoint_path():

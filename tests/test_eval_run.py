@@ -216,3 +216,28 @@ def test_eval_report_needs_neither_torch_nor_megatron(tmp_path):
                          capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| star 4 blocks a=b | 100.0 |" in (tmp_path / "r.md").read_text()
+
+
+def test_eval_report_pools_seeds_and_names_the_star_context(tmp_path):
+    """Runs that differ only in eval.seed are one setting, their samples paired with global attention's of the
+    same seed; star settings that differ in star_context are told apart by it."""
+    from star_mcore.eval.report import aggregate, load_records, summary
+
+    path = tmp_path / "r.jsonl"
+    # per seed: (none, plain star, star with the previous block) scores of samples 0 and 1
+    scores = {0: ((1, 1), (0, 1), (1, 1)), 1: ((1, 0), (0, 0), (1, 1))}
+    contexts = (("none", 0, "anchor"), ("star", 64, "anchor"), ("star", 64, "anchor+previous"))
+    with open(path, "w") as f:
+        for seed, per_setting in scores.items():
+            for (mode, anchor, star_context), samples in zip(contexts, per_setting):
+                setting = complete_setting({"context_parallel_mode": mode, "hosts": 1, "block_size": 64,
+                                            "anchor_size": anchor, "star_context": star_context, "seed": seed})
+                for i, score in enumerate(samples):
+                    f.write(json.dumps({"benchmark": "ruler", "task": "niah_single_1", "length": 256, "sample": i,
+                                        "score": score, "setting": setting}) + "\n")
+    s = summary(*aggregate(load_records([str(path)])))["ruler"]
+    plain, previous = "star 4 blocks a=b (star_context=anchor)", "star 4 blocks a=b (star_context=anchor+previous)"
+    assert s["labels"] == ["none", plain, previous]
+    assert s["overall"] == {("none", 256): 75.0, (plain, 256): 25.0, (previous, 256): 100.0}
+    assert {k: (v["samples"], v["lower"], v["higher"]) for k, v in s["paired"].items()} == {
+        (plain, 256): (4, 2, 0), (previous, 256): (4, 0, 1)}

@@ -9,7 +9,7 @@ import torch
 
 from star_mcore.ops import (BACKENDS, attend, attend_prefix_causal, inv_frequencies, math_attention,
                             merge_partials, resolve_backend, ring_chunks, star_block_tokens, star_blocks)
-from star_mcore.ops.layout import ring_chunk_ids
+from star_mcore.ops.layout import Span, landmark_spans, ring_chunk_ids
 
 
 def _qkv(b=1, hq=4, hk=2, sq=7, sk=7, d=16, seed=0, dtype=torch.float32):
@@ -126,6 +126,20 @@ def test_star_block_tokens_prepend_the_anchor_with_its_own_positions():
     assert pos.tolist() == list(range(6)) + list(range(32, 40))
     ids, pos, a = star_block_tokens(ctx, blocks[0][1], 0)
     assert a == 0 and pos.tolist() == list(range(16, 32))
+
+
+def test_a_long_anchor_stops_at_the_block_and_landmarks_sit_between():
+    ctx = torch.arange(100, 164)
+    block = Span(16, 24)
+    ids, pos, n = star_block_tokens(ctx, block, 40)  # anchor longer than the context before the block
+    assert n == 16 and pos.tolist() == list(range(24))
+    # 2 landmarks of 3 tokens in [4, 40): the stretch cut in two equal parts, the last 3 tokens of each
+    assert landmark_spans(40, 4, 2, 3) == [Span(19, 22), Span(37, 40)]
+    assert landmark_spans(10, 4, 2, 3) == [Span(4, 10)]  # they would cover it: the whole stretch
+    assert landmark_spans(4, 4, 2, 3) == [] and landmark_spans(8, 0, 1, 2) == [Span(6, 8)]
+    ids, pos, n = star_block_tokens(ctx, Span(40, 48), 4, landmark_spans(40, 4, 2, 3))
+    assert n == 10 and pos.tolist() == [0, 1, 2, 3, 19, 20, 21, 37, 38, 39] + list(range(40, 48))
+    assert ids.tolist() == [100 + p for p in pos.tolist()]
 
 
 @pytest.mark.parametrize("L,P", [(64, 4), (37, 3), (10, 4), (3, 4)])

@@ -40,6 +40,35 @@ def test_kv_estimate_follows_the_layout(gqa_ckpt):
     assert plan(cfg, arch, 1000, 5).segment_tokens == 200  # recompute: anchor + block
 
 
+def test_phase1_forward_of_each_star_context(gqa_ckpt):
+    """The largest phase-1 forward (its activations) and the K, V held beside it, per star_context: 1000 tokens
+    in 10 blocks of 100 on 4 hosts (3, 3, 2, 2 blocks)."""
+    arch = LlamaArch.from_hf_dir(gqa_ckpt)
+    per = kv_bytes_per_token(arch, 1, "fp32")
+
+    def run(*overrides):
+        cfg = load_config(CONFIG, BASE + [f"checkpoint.hf_path={gqa_ckpt}", "inference.block_size=100", *overrides])
+        return plan(cfg, arch, 1000, 5)
+
+    plain = run("inference.anchor_size=100")
+    # long anchor, shared: host 0's blocks 0-2 all start inside the 250-token anchor, so it encodes them exactly
+    # in one forward; recompute: blocks from 3 on re-encode the anchor
+    long_shared = run("inference.anchor_size=250", "inference.star_context=long_anchor")
+    assert long_shared.segment_tokens == 300
+    assert long_shared.activations - plain.activations == (long_shared.segment_tokens - 100) * (
+        plain.activations - 100 * per) // 100 + 150 * per  # the longer forward + 150 more anchor K, V kept
+    assert run("inference.anchor_size=250", "inference.star_context=long_anchor",
+               "inference.anchor_mode=recompute").segment_tokens == 250 + 100
+    # landmarks: re-encoded in front of the block
+    assert run("inference.anchor_size=100", "inference.star_context=anchor+landmarks", "inference.landmarks=2",
+               "inference.landmark_size=10").segment_tokens == 120
+    # previous block: a host's 3 blocks in one forward, and beside it one layer's anchor + 2 blocks of K, V
+    prev = run("inference.anchor_size=100", "inference.star_context=anchor+previous")
+    assert prev.segment_tokens == 300
+    act_per_token = (plain.activations - 100 * per) // 100
+    assert prev.activations == 300 * act_per_token + 100 * per + 300 * per // arch.num_layers
+
+
 def test_plan_command_prints_the_estimate(gqa_ckpt):
     res = star_mcore("plan", "--config", CONFIG, f"checkpoint.hf_path={gqa_ckpt}", "trainer.device_memory_gib=1",
                      "--context-len", "400")

@@ -89,16 +89,19 @@ def mapped_files_during_load(ckpt: str) -> dict:
 
 def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[dict] = (),
             full_logits_ids: Optional[List[int]] = None, backend: str = "auto", precision: str = "fp32",
-            kv_pairs: List[dict] = (), accelerator: str = "cpu", transformer_impl: str = "local") -> dict:
+            kv_pairs: List[dict] = (), accelerator: str = "cpu", transformer_impl: str = "local",
+            kept: List[dict] = ()) -> dict:
     """Everything one world checks, with one model load:
-    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?} -> tokens (+ first-step
-      logits where this rank has them)
+    - ``cases``: {name, mode, block, anchor, ctx, qry, n, eos?, anchor_mode?, partition?, star_context?,
+      landmarks?: (count, size)} -> tokens (+ first-step logits where this rank has them)
     - ``phase2``: {name, ctx, qry, block, anchor} -> see :func:`star_phase2_vs_global`
     - ``full_logits_ids``: all-position logits of one causal forward (single rank)
-    - ``kv_pairs``: {name, ctx, block, anchor, partition} -> see :func:`shared_vs_recompute_kv`.
+    - ``kv_pairs``: {name, ctx, block, anchor, partition, star_context?} -> see :func:`shared_vs_recompute_kv`
+    - ``kept``: star cases ({name, ctx, block, anchor, anchor_mode, partition, star_context, landmarks}) -> this
+      rank's phase-1 KV, see :func:`kept_kv`.
     ``transformer_impl``: mcore's local layers or TransformerEngine's (GPU only)."""
     groups, model = _setup(ckpt, tp, cp, precision, accelerator, transformer_impl)
-    res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {},
+    res: Dict[str, Any] = {"cases": {}, "phase2": {}, "kv_pairs": {}, "kept": {},
                            "param_dtypes": sorted({str(p.dtype) for p in model.gpt.parameters()}),
                            # every tensor the model holds, each once (tied embeddings: one tensor, two uses)
                            "param_bytes": sum(p.numel() * p.element_size() for p in model.gpt.parameters()),
@@ -107,6 +110,8 @@ def battery(ckpt: str, tp: int, cp: int, cases: List[dict] = (), phase2: List[di
         res.update(run_cases(groups, model, cases, full_logits_ids, backend))
         for c in kv_pairs:
             res["kv_pairs"][c["name"]] = shared_vs_recompute_kv(groups, model, c)
+        for c in kept:
+            res["kept"][c["name"]] = kept_kv(groups, model, c)
         for c in phase2:
             res["phase2"][c["name"]] = star_phase2_vs_global(groups, model, c["ctx"], c["qry"], c["block"], c["anchor"])
     finally:
@@ -130,7 +135,9 @@ def run_cases(groups, model, cases: List[dict], full_logits_ids: Optional[List[i
             context_parallel_mode=c["mode"], block_size=c["block"], anchor_size=c["anchor"],
             tokens_to_generate=c["n"],
             attention_backend=backend, anchor_mode=c.get("anchor_mode", "shared"),
-            partition=c.get("partition", "uniform"), decode=c.get("decode", "graph")), c.get("eos", ()))
+            partition=c.get("partition", "uniform"), decode=c.get("decode", "graph"),
+            star_context=c.get("star_context", "anchor"), landmarks=c.get("landmarks", (4, 64))[0],
+            landmark_size=c.get("landmarks", (4, 64))[1]), c.get("eos", ()))
         gen = eng.generate(torch.tensor(c["ctx"]), torch.tensor(c["qry"]), save_logits=True)
         r = {"tokens": gen.generated_ids}
         if gen.first_step_logits is not None:
@@ -198,7 +205,9 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
     caches = {}
     for mode in ("shared", "recompute"):
         eng = Engine(model, groups, InferenceConfig(block_size=c["block"], anchor_size=c["anchor"],
-                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"]))
+                                                    tokens_to_generate=1, anchor_mode=mode, partition=c["partition"],
+                                                    star_context=c.get("star_context", "anchor"),
+                                                    landmarks=2, landmark_size=2))
         caches[mode] = _pool(model, len(c["ctx"])).allocate(len(c["ctx"]))
         eng.prefill(torch.tensor(c["ctx"]), caches[mode])
     like = torch.empty(1, 1, 0, 1)
@@ -210,6 +219,18 @@ def shared_vs_recompute_kv(groups, model, c: dict) -> dict:
             if a.numel():
                 worst = max(worst, (a - b).abs().max().item())
     return {"held": held, "max_diff": worst}
+
+
+def kept_kv(groups, model, c: dict) -> List[List[list]]:
+    """Star phase 1 of ``c["ctx"]`` alone: this rank's KV cache, per layer [k, v] as nested lists [hk / tp, n, d]."""
+    eng = Engine(model, groups, InferenceConfig(
+        block_size=c["block"], anchor_size=c["anchor"], tokens_to_generate=1, anchor_mode=c["anchor_mode"],
+        partition=c["partition"], star_context=c["star_context"], landmarks=c["landmarks"][0],
+        landmark_size=c["landmarks"][1]))
+    seq = _pool(model, len(c["ctx"])).allocate(len(c["ctx"]))
+    eng.prefill(torch.tensor(c["ctx"]), seq)
+    like = torch.empty(1, model.arch.num_kv_heads // groups.tp.size(), 0, model.arch.head_dim)  # a host with none
+    return [[t[0].tolist() for t in seq.get(layer, like)] for layer in range(model.arch.num_layers)]
 
 
 def star_phase2_vs_global(groups, model, ctx: List[int], qry: List[int], block: int, anchor: int) -> float:

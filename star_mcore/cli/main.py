@@ -60,7 +60,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     m, inf = cfg.model, cfg.inference
     print(f"{inf.context_parallel_mode}: {ctx} context + {qry} query tokens, TP {m.tensor_model_parallel_size} x "
           f"CP {m.context_parallel_size}, {m.precision}, block {inf.block_size}, anchor {inf.anchor_size} "
-          f"({inf.anchor_mode}, {inf.partition})")
+          f"({inf.anchor_mode}, {inf.partition}, {inf.star_context})")
     print(p.table(cap))
     print("fits" if p.total <= cap else "does NOT fit")
     return 0 if p.total <= cap else 3

@@ -15,6 +15,8 @@ from .settings import complete_setting
 from .tasks import TASKS
 
 _MODE_KEYS = ("context_parallel_mode", "hosts", "block_size", "anchor_size")
+_POOLED = ("seed",)  # settings that differ only in these are one setting: their samples are pooled
+_STAR_ONLY = ("anchor_mode", "partition", "star_context", "landmarks", "landmark_size")  # not in other modes' labels
 
 
 def star_blocks(record: Dict[str, Any]) -> int:
@@ -46,6 +48,8 @@ def _anchor(anchor: int, block: int) -> str:
         return "0"
     if anchor == block:
         return "b"
+    if anchor > block and anchor % block == 0:  # star_context=long_anchor
+        return f"{anchor // block}b"
     return f"b/{block // anchor}" if block % anchor == 0 else f"{anchor}/{block}"
 
 
@@ -64,7 +68,7 @@ def label_settings(records: List[Dict[str, Any]]) -> Tuple[Dict[str, str], Dict[
         lengths[key].add(r["length"])
         if r["setting"]["context_parallel_mode"] == "star":
             n_blocks[key].add(star_blocks(r))
-    keys = sorted({k for s in settings.values() for k in s} - set(_MODE_KEYS))
+    keys = sorted({k for s in settings.values() for k in s} - set(_MODE_KEYS) - set(_POOLED))
     varying = [k for k in keys if len({json.dumps(s.get(k)) for s in settings.values()}) > 1]
 
     def base(key: str, s: Dict[str, Any]) -> str:
@@ -75,7 +79,8 @@ def label_settings(records: List[Dict[str, Any]]) -> Tuple[Dict[str, str], Dict[
             text = f"star {count} block{'s' if hi > 1 else ''} a={_anchor(s['anchor_size'], s['block_size'])}"
         else:
             text = {"none": "none", "ring": f"ring x{s['hosts']}"}.get(mode, mode)
-        extra = [f"{k}={os.path.basename(str(s.get(k))) if k == 'model' else s.get(k)}" for k in varying]
+        extra = [f"{k}={os.path.basename(str(s.get(k))) if k == 'model' else s.get(k)}" for k in varying
+                 if mode == "star" or k not in _STAR_ONLY]
         return text + (f" ({', '.join(extra)})" if extra else "")
 
     labels = {k: base(k, s) for k, s in settings.items()}
@@ -106,13 +111,14 @@ def _order(label: str, anchors: Dict[str, Tuple[str, float]]) -> Tuple:
 
 
 def aggregate(records: List[Dict[str, Any]]):
-    """(benchmark, label, task, length) -> {sample: score} (a sample seen twice keeps its last score), and the
-    star labels' anchor sizes."""
+    """(benchmark, label, task, length) -> {(seed, sample): score} (a sample seen twice keeps its last score;
+    the seeds of one setting pooled), and the star labels' anchor sizes."""
     labels, anchors = label_settings(records)
     cells: Dict[Tuple[str, str, str, int], Dict[int, float]] = defaultdict(dict)
     for r in records:
         lab = labels[json.dumps(r["setting"], sort_keys=True)]
-        cells[(r.get("benchmark", "ruler"), lab, r["task"], r["length"])][r["sample"]] = float(r["score"])
+        sample = (r["setting"].get("seed"), r["sample"])
+        cells[(r.get("benchmark", "ruler"), lab, r["task"], r["length"])][sample] = float(r["score"])
     return cells, anchors
 
 

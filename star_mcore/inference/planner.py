@@ -69,7 +69,7 @@ def plan(cfg: RunConfig, arch: LlamaArch, context_len: int, query_len: int,
     # and product + q, k, v before and after RoPE; fitted to measured peaks (docs/performance.md, +-5%).
     act_per_token = (4 * h + 4 * i + 2 * qkv) * b
     activations = (phase1.forward_tokens * act_per_token + phase1.anchor_kv_tokens * per_token_kv
-                   + phase1.ring_kv_tokens * per_token_kv // arch.num_layers)
+                   + phase1.layer_kv_tokens * per_token_kv // arch.num_layers)
     # GPU: CUDA context + NCCL communicators, and the allocator's slack, which grows with the forward's size
     overhead = GPU_FIXED + activations // 3 if cfg.trainer.accelerator == "gpu" else 0
     return Plan(weight_bytes(arch, tp, prec), kv, activations, phase1.forward_tokens, overhead)

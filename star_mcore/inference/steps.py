@@ -17,6 +17,7 @@ from ..ops.merge import merge_partials
 from ..ops.paged_attention import PagedKernel, PagedLayout
 from ..parallel.anchor import AnchorBroadcast
 from ..parallel.context_parallel import gather_merge, ring_attention
+from ..parallel.neighbour import NeighbourKV
 from .kv_cache import KVPool, KVSequence
 
 Tensor = torch.Tensor
@@ -36,21 +37,31 @@ class EncodeSegment:
 
 
 class SharedAnchor:
-    """The anchor's per-layer K, V on one host during phase 1: published by the host that encodes block 0,
-    received once per layer by the others, reused for every later block of the host, dropped after phase 1."""
+    """The anchor's per-layer K, V on one host during phase 1: published in pieces by the hosts that encode it
+    (block 0's, and with a long anchor the next blocks'), received once per layer by the others, reused for every
+    later block of the host, dropped after phase 1. ``index``: this host's piece among the pieces, if it has one
+    (the pieces before it are what its own anchor blocks see)."""
 
-    def __init__(self, num_layers: int, exchange: Optional[AnchorBroadcast]) -> None:
-        self.exchange = exchange
+    def __init__(self, num_layers: int, exchange: Optional[AnchorBroadcast], index: int = 0) -> None:
+        self.exchange, self.index = exchange, index
         self.kv: List[Optional[Tuple[Tensor, Tensor]]] = [None] * num_layers
 
     def publish(self, layer: int, k: Tensor, v: Tensor) -> None:
-        self.kv[layer] = (k.contiguous(), v.contiguous())
-        if self.exchange is not None:
-            self.exchange.send(*self.kv[layer])
+        """This host's piece: k, v [b, hk, n, d] of its tokens inside the anchor (on one host: all of it)."""
+        if self.exchange is None:
+            self.kv[layer] = (k, v)
+        else:
+            self.exchange.post(layer, (k, v))
+
+    def before(self, layer: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """The pieces of the hosts before this one, joined (None where there are none)."""
+        if self.exchange is None or self.index == 0:
+            return None
+        return _joined(self.exchange.get(layer, self.index))
 
     def get(self, layer: int) -> Tuple[Tensor, Tensor]:
         if self.kv[layer] is None:
-            self.kv[layer] = self.exchange.recv(layer)
+            self.kv[layer] = _joined(self.exchange.get(layer))
         return self.kv[layer]
 
     def finish(self) -> None:
@@ -58,32 +69,96 @@ class SharedAnchor:
             self.exchange.finish()
 
 
-class EncodeFirstBlock:
-    """Block 0 in shared-anchor mode: causal attention, all its KV cached, its first ``n_anchor`` tokens'
-    K, V published as the anchor."""
+def _joined(pieces: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2)
 
-    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_anchor: int) -> None:
-        self.fn, self.cache, self.anchor, self.n_anchor = fn, cache, anchor, n_anchor
+
+class EncodeAnchorBlocks:
+    """Shared anchor: this host's blocks that start inside the anchor (block 0, and with a long anchor the next
+    ones), in one forward and exactly: they attend to the anchor pieces of the hosts before this one without a
+    mask and to themselves causally; their first ``n_piece`` tokens' K, V are published as this host's piece of
+    the anchor. All their KV is cached."""
+
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_piece: int) -> None:
+        self.fn, self.cache, self.anchor, self.n_piece = fn, cache, anchor, n_piece
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        self.anchor.publish(layer, k[:, :, : self.n_anchor], v[:, :, : self.n_anchor])
-        out, _ = attend(self.fn, q, k, v, causal=True, scale=scale)
+        self.anchor.publish(layer, k[:, :, : self.n_piece], v[:, :, : self.n_piece])
+        before = self.anchor.before(layer)
+        if before is None:
+            out, _ = attend(self.fn, q, k, v, causal=True, scale=scale)
+        else:
+            out, _ = attend_prefix_causal(self.fn, q, *before, k, v, scale=scale)
         self.cache.append(layer, k, v)
         return out
 
 
 class EncodeWithAnchor:
-    """Block k >= 1 in shared-anchor mode: the block attends to the anchor's K, V without a mask and to
-    itself causally (two kernel calls merged by LSE); only the block's own KV is cached."""
+    """A block past the anchor in shared-anchor mode: the segment (``n_drop`` re-encoded landmark tokens, then the
+    block) attends to the anchor's K, V without a mask and to itself causally (two kernel calls merged by LSE);
+    only the block's own KV is cached."""
 
-    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor) -> None:
-        self.fn, self.cache, self.anchor = fn, cache, anchor
+    def __init__(self, fn: AttnFn, cache: KVSequence, anchor: SharedAnchor, n_drop: int = 0) -> None:
+        self.fn, self.cache, self.anchor, self.n_drop = fn, cache, anchor, n_drop
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         ak, av = self.anchor.get(layer)
         out, _ = attend_prefix_causal(self.fn, q, ak, av, k, v, scale=scale)
-        self.cache.append(layer, k, v)
+        self.cache.append(layer, k[:, :, self.n_drop:], v[:, :, self.n_drop:])
         return out
+
+
+class EncodeWithPrevious:
+    """``anchor+previous``: one forward of all of this host's ``blocks`` (contiguous, in order). Block k >= 1
+    attends to the anchor's first ``n_anchor`` K, V and to the previous block's phase-1 K, V past the anchor,
+    without a mask, and to itself causally; block 0 publishes the anchor. The previous block of the host's first
+    block is the neighbour host's last (``prev``), received through ``exchange`` while this host attends to the
+    rest. Every token's KV is cached."""
+
+    def __init__(self, fn: AttnFn, cache: KVSequence, blocks: Sequence[Span], anchor: Optional[SharedAnchor],
+                 n_anchor: int, prev: Optional[Span], exchange: Optional[NeighbourKV]) -> None:
+        self.fn, self.cache, self.blocks, self.anchor, self.n_anchor = fn, cache, blocks, anchor, n_anchor
+        self.prev, self.exchange = prev, exchange
+
+    def _past_anchor(self, prev: Span) -> int:
+        """Tokens at the front of block ``prev`` that the anchor already holds."""
+        return max(0, self.n_anchor - prev.start)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        base = self.blocks[0].start
+        at = lambda t, s: t[:, :, s.start - base:s.end - base]  # noqa: E731 - this forward's rows of block s
+        if self.exchange is not None:
+            last = self.blocks[-1]
+            self.exchange.post(at(k, last), at(v, last))
+        if self.anchor is not None and base == 0:
+            self.anchor.publish(layer, k[:, :, : self.n_anchor], v[:, :, : self.n_anchor])
+        ak = av = k[:, :, :0]
+        if self.anchor is not None and any(b.start for b in self.blocks):
+            ak, av = self.anchor.get(layer)
+        outs = []
+        for j, blk in enumerate(self.blocks):
+            qj, kj, vj = at(q, blk), at(k, blk), at(v, blk)
+            if blk.start == 0:
+                outs.append(attend(self.fn, qj, kj, vj, causal=True, scale=scale))
+                continue
+            pk, pv = ak, av
+            if j > 0:
+                prev, skip = self.blocks[j - 1], self._past_anchor(self.blocks[j - 1])
+                pk, pv = torch.cat([ak, at(k, prev)[:, :, skip:]], 2), torch.cat([av, at(v, prev)[:, :, skip:]], 2)
+            outs.append(attend_prefix_causal(self.fn, qj, pk, pv, kj, vj, scale=scale))
+        if self.prev is not None:  # the first block's previous block, from the neighbour host
+            o, lse = outs[0]
+            rk, rv = self.exchange.received()
+            skip = self._past_anchor(self.prev)
+            o2, lse2 = attend(self.fn, at(q, self.blocks[0]), rk[:, :, skip:], rv[:, :, skip:], causal=False,
+                              scale=scale)
+            outs[0] = merge_partials(torch.stack([o, o2]), torch.stack([lse, lse2]))
+        if self.exchange is not None:
+            self.exchange.finish()
+        self.cache.append(layer, k, v)
+        return torch.cat([o for o, _ in outs], dim=2)
 
 
 class EncodeRing:

@@ -6,7 +6,7 @@ Pure index arithmetic on context length L; no tensors of the model, no process g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,19 +55,27 @@ def star_layout(context_len: int, block_size: int, anchor_size: int, partition: 
     return star_blocks(context_len, block_size, cp_size, first_block_size=first)
 
 
-def star_block_tokens(context_ids: torch.Tensor, block: Span,
-                      anchor_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Token ids, position ids and anchor length of one phase-1 star segment.
+def landmark_spans(start: int, anchor_size: int, count: int, size: int) -> List[Span]:
+    """The landmarks of a block starting at ``start``: ``count`` chunks of ``size`` tokens of the stretch
+    ``c[a:start]`` the anchor leaves out, each ending at one of ``count`` evenly spaced points of it (the last at
+    the block's start); the whole stretch where the chunks would cover it."""
+    lo = min(anchor_size, start)
+    gap = start - lo
+    if gap <= count * size:
+        return [Span(lo, start)] if gap else []
+    return [Span(e - size, e) for e in (lo + (i + 1) * gap // count for i in range(count))]
 
-    Block 0 is encoded alone. Block k >= 1 is ``c[0:a] ++ c[block]`` with positions
-    ``[0..a-1] ++ [block.start .. block.end-1]``; the first ``a`` outputs (the anchor's KV) are dropped.
+
+def star_block_tokens(context_ids: torch.Tensor, block: Span, anchor_size: int,
+                      landmarks: Sequence[Span] = ()) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids, position ids and prefix length of one phase-1 star segment.
+
+    Block 0 is encoded alone. Block k >= 1 is ``c[0:a'] ++ c[landmarks] ++ c[block]`` with each token at its own
+    position, ``a' = min(anchor_size, block.start)``; the prefix's outputs (its KV) are dropped.
     """
-    ids = context_ids[block.start:block.end]
-    pos = torch.arange(block.start, block.end)
-    if block.start == 0 or anchor_size == 0:
-        return ids, pos, 0
-    a = min(anchor_size, block.start)
-    return torch.cat([context_ids[:a], ids]), torch.cat([torch.arange(a), pos]), a
+    prefix = [Span(0, min(anchor_size, block.start))] + (list(landmarks) if block.start else [])
+    pos = torch.cat([torch.arange(s.start, s.end) for s in prefix] + [torch.arange(block.start, block.end)])
+    return context_ids[pos], pos, len(pos) - len(block)
 
 
 def ring_chunks(context_len: int, cp_size: int) -> List[Tuple[Span, Span]]:
