@@ -301,9 +301,13 @@ def test_transformer_engine_layers_take_megatron_checkpoints():
     cases = [dict(name=m, mode=m, block=8, anchor=4, ctx=ctx, qry=qry, n=4) for m in ("none", "star")]
     res = {impl: run_world(1, checkpoints_battery, ckpts, 1, 1, cases, None, "gpu", impl, "sdpa_efficient")[0]
            for impl in ("local", "transformer_engine")}
+    # TE's fp32 GEMMs round apart from torch's by ~2e-4 of the logits' scale (the Bridge checkpoint on an H100:
+    # 5.3e-3 at |logit| <= 25.7); layer norms left unloaded would move them by ~0.1 of it (2.8 there, 0.33 for
+    # the Megatron-LM weights, measured on CPU with the norms set to 1)
+    seen = {}
     for c in ckpts:
         for m in ("none", "star"):
             te, local = res["transformer_engine"][c["name"]]["cases"][m], res["local"][c["name"]]["cases"][m]
-            assert te["tokens"] == local["tokens"], (c["name"], m)
-            gap = (torch.tensor(te["logits"]) - torch.tensor(local["logits"])).abs().max().item()
-            assert gap < 5e-3, (c["name"], m, gap)
+            a, b = torch.tensor(te["logits"]), torch.tensor(local["logits"])
+            seen[c["name"], m] = (te["tokens"] == local["tokens"], (a - b).abs().max().item() / b.abs().max().item())
+    assert all(same and gap < 1e-3 for same, gap in seen.values()), seen
