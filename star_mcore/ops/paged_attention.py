@@ -50,41 +50,29 @@ def _neutral(q: Tensor, n: int) -> Tuple[Tensor, Tensor]:
 
 def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout,
                               scale: float) -> Tuple[Tensor, Tensor]:
-    """float32 softmax per group over its gathered pages; any device. It reads the longest group's length on
-    the host (dynamic shapes), so it is the CPU path and the reference, not a kernel to capture."""
+    """float32 softmax per group over its own keys only (a group's work is its length, not the longest's: the
+    CPU path runs the batch's idle and short groups at no cost); any device. It reads the layout on the host
+    (dynamic shapes), so it is the CPU path and the reference, not a kernel to capture."""
     s, hk, g, d = q.shape
-    G, M = layout.members.shape
     page = k_pool.shape[2]
-    longest = int(layout.lens.max()) if G else 0
-    n_pages = -(-longest // page)
-    pos = torch.arange(n_pages * page, device=q.device)
-    flat = layout.table[:, :n_pages].long().repeat_interleave(page, dim=1) * page + pos % page  # [G, keys]
-    visible = pos[None, :] < layout.lens[:, None].long()  # [G, keys]
-    flat = torch.where(visible, flat, torch.zeros_like(flat))  # invisible: read scratch, masked below
-    kf = k_pool.reshape(hk, -1, d)[:, flat].float()  # [hk, G, keys, d]
-    vf = v_pool.reshape(hk, -1, d)[:, flat].float()
-    slot = layout.members.clamp_min(0)
-    qg = q[slot].float().permute(2, 0, 1, 3, 4).reshape(hk, G, M * g, d)  # [hk, G, M*g, d]
-    scores = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [hk, G, M*g, keys]
-    scores = scores.masked_fill(~visible[None, :, None, :], -math.inf)
-    m = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full(scores.shape[:-1] + (1,), -math.inf)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
-    total = p.sum(dim=-1)
-    vf = torch.where(visible[None, :, :, None], vf, 0.0)  # scratch may hold anything, NaN included
-    o = torch.matmul(p, vf) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    lse = m[..., 0] + torch.log(total)  # [hk, G, M*g]
-    o = o.reshape(hk, G, M, g, d).permute(1, 2, 0, 3, 4)  # [G, M, hk, g, d]
-    lse = lse.reshape(hk, G, M, g).permute(1, 2, 0, 3)
-    # Scatter each member's rows to (its group's part, its slot); the rows of absent members to a dummy row.
-    outs, lses = _neutral(q, layout.n_parts)
-    row = torch.where(layout.members >= 0, layout.part[:, None] * s + layout.members, layout.n_parts * s)
-    outs = torch.cat([outs.reshape(-1, hk, g, d), outs.new_zeros(1, hk, g, d)])
-    lses = torch.cat([lses.reshape(-1, hk, g), lses.new_full((1, hk, g), -math.inf)])
-    outs.index_copy_(0, row.reshape(-1), o.reshape(-1, hk, g, d))
-    lses.index_copy_(0, row.reshape(-1), lse.reshape(-1, hk, g))
-    n = layout.n_parts
-    return merge_partials(outs[:-1].reshape(n, s, hk, g, d), lses[:-1].reshape(n, s, hk, g))
+    outs, lses = _neutral(q, layout.n_parts)  # [n_parts, S, hk, g, d], [n_parts, S, hk, g]
+    keys_k, keys_v = k_pool.reshape(hk, -1, d), v_pool.reshape(hk, -1, d)
+    for j, (n, members, part) in enumerate(zip(layout.lens.tolist(), layout.members.tolist(),
+                                               layout.part.tolist())):
+        rows = [m for m in members if m >= 0]
+        if n == 0 or not rows:
+            continue
+        pages = layout.table[j, : -(-n // page)].long()
+        flat = (pages[:, None] * page + torch.arange(page, device=q.device)).reshape(-1)[:n]
+        kf, vf = keys_k[:, flat].float(), keys_v[:, flat].float()  # [hk, n, d]
+        qg = q[rows].float().permute(1, 0, 2, 3).reshape(hk, len(rows) * g, d)  # [hk, M*g, d]
+        scores = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [hk, M*g, n]
+        lse = torch.logsumexp(scores, dim=-1)
+        o = torch.matmul(torch.exp(scores - lse[..., None]), vf)  # [hk, M*g, d]
+        idx = torch.tensor(rows, device=q.device)
+        outs[part, idx] = o.reshape(hk, len(rows), g, d).permute(1, 0, 2, 3)
+        lses[part, idx] = lse.reshape(hk, len(rows), g).permute(1, 0, 2)
+    return merge_partials(outs, lses)
 
 
 def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout,
