@@ -24,9 +24,10 @@ KERNELS = [pytest.param(paged_attention_reference, id="reference"),
            pytest.param(paged_attention_triton, id="triton", marks=needs_triton)]
 
 
-def _case(hk, gq, d, page, lengths, seed, splits=3, grow=0):
+def _case(hk, gq, d, page, lengths, seed, splits=3, grow=0, scattered=True):
     """Slots 0, 1, 3 share context A, slot 2 has context B, slot 4 is idle; every busy slot has its own tokens
-    too. ``lengths``: (A, B, own0..own3). Pages are scattered over the pool; page 0 (scratch) holds NaN."""
+    too. ``lengths``: (A, B, own0..own3). Pages are scattered over the pool (else each sequence's pages are one
+    run, in order); page 0 (scratch) holds NaN."""
     g = torch.Generator().manual_seed(seed)
     names = ["A", "B", "own0", "own1", "own2", "own3"]
     seqs = dict(zip(names, lengths))
@@ -35,7 +36,7 @@ def _case(hk, gq, d, page, lengths, seed, splits=3, grow=0):
     v_pool = torch.randn(hk, n_pages, page, d, generator=g)
     k_pool[:, 0], v_pool[:, 0] = float("nan"), float("nan")
     q = torch.randn(5, hk, gq, d, generator=g)
-    perm = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
+    perm = (torch.randperm(n_pages - 1, generator=g) + 1).tolist() if scattered else list(range(n_pages - 1, 0, -1))
     pages = {n: [perm.pop() for _ in range(-(-(seqs[n] + grow) // page))] for n in names}
     groups = [("A", [0, 1, 3], 0), ("B", [2], 0), ("own0", [0], 1), ("own1", [1], 1), ("own2", [2], 1),
               ("own3", [3], 1), (None, [], 0)]  # the last: a padding group (no keys, no members)
@@ -74,6 +75,7 @@ def _expected(q, k_pool, v_pool, layout, pages, scale):
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf is meant
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("scattered", [True, False], ids=["scattered", "runs"])
 @pytest.mark.parametrize("hk,gq,d,page,lengths", [
     (2, 3, 16, 4, (10, 7, 3, 1, 6, 4)),           # GQA 3, small pages
     (2, 2, 16, 16, (700, 333, 5, 1, 17, 40)),     # long groups: several splits, some empty
@@ -81,8 +83,8 @@ def _expected(q, k_pool, v_pool, layout, pages, scale):
     (3, 1, 24, 5, (64, 64, 9, 1, 3, 3)),           # MHA, head dim not a power of two, odd page size
     (3, 3, 64, 64, (1030, 200, 70, 1, 1, 130)),    # SmolLM2's heads; lengths end inside a tile
 ])
-def test_each_slot_gets_one_softmax_over_its_groups(kernel, hk, gq, d, page, lengths):
-    q, k_pool, v_pool, layout, pages = _case(hk, gq, d, page, lengths, seed=sum(lengths))
+def test_each_slot_gets_one_softmax_over_its_groups(kernel, scattered, hk, gq, d, page, lengths):
+    q, k_pool, v_pool, layout, pages = _case(hk, gq, d, page, lengths, seed=sum(lengths), scattered=scattered)
     out, lse = kernel(q, k_pool, v_pool, layout, d ** -0.5)
     assert out.dtype == torch.float32 and out.shape == (5, hk, gq, d) and lse.shape == (5, hk, gq)
     for slot, (o, l) in _expected(q, k_pool, v_pool, layout, pages, d ** -0.5).items():

@@ -62,9 +62,13 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout:
         rows = [m for m in members if m >= 0]
         if n == 0 or not rows:
             continue
-        pages = layout.table[j, : -(-n // page)].long()
-        flat = (pages[:, None] * page + torch.arange(page, device=q.device)).reshape(-1)[:n]
-        kf, vf = keys_k[:, flat].float(), keys_v[:, flat].float()  # [hk, n, d]
+        pages = layout.table[j, : -(-n // page)].tolist()
+        if pages == list(range(pages[0], pages[0] + len(pages))):  # one run of pages: a view, no gather
+            keys = slice(pages[0] * page, pages[0] * page + n)
+        else:
+            keys = (torch.tensor(pages, device=q.device)[:, None] * page
+                    + torch.arange(page, device=q.device)).reshape(-1)[:n]
+        kf, vf = keys_k[:, keys].float(), keys_v[:, keys].float()  # [hk, n, d]
         qg = q[rows].float().permute(1, 0, 2, 3).reshape(hk, len(rows) * g, d)  # [hk, M*g, d]
         scores = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [hk, M*g, n]
         lse = torch.logsumexp(scores, dim=-1)
