@@ -94,6 +94,9 @@ def test_launch_sh_runs_the_config_with_torchrun(gqa_ckpt, requests, tmp_path):
      "star-mcore.sbatch: error: TP x CP = 4 ranks do not split evenly over 3 nodes"),
     (SBATCH, [str(ROOT / "configs" / "llama3.1-8b-instruct.yaml"), *REQUIRED], dict(FAKE_JOB, SLURM_GPUS_ON_NODE="4"),
      "star-mcore.sbatch: error: 8 ranks per node need 8 GPUs per node, the job has 4 (sbatch --gpus-per-node=8)"),
+    (ROOT / "scripts" / "slurm" / "serve.sbatch", [CONFIG], FAKE_JOB,  # run outside the repository
+     "star-mcore: error: serve.sbatch: no scripts/slurm/star-mcore.sbatch under . (submit from the repository root "
+     "or set STAR_MCORE_DIR)"),
 ])
 def test_bad_input_stops_with_one_line(tmp_path, script, args, env, message):
     base = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
@@ -173,3 +176,51 @@ def test_generic_sbatch_runs_star_through_srun_and_torchrun(slurm, gqa_ckpt, req
     assert f"job {job_id}: 1 node(s) x 4 rank(s) (cpu), rendezvous localhost:{env['MASTER_PORT']}," in text
     assert "done: 2 answered, 0 with errors" in text
     _check_run_dir(run_dir, gqa_ckpt, reqs, 2, 2)
+
+
+def test_serve_sbatch_serves_and_drains_on_scancel(slurm, gqa_ckpt, requests, tmp_path):
+    """scripts/slurm/serve.sbatch at CP 2 (star), submitted from outside the repository (STAR_MCORE_DIR): the
+    server answers a completion over token ids with star's tokens done by hand, and scancel (SIGTERM) stops it
+    through its drain ("server stopped" in the job's log)."""
+    import httpx
+
+    path, reqs = requests
+    (tmp_path / "runs").mkdir()
+    port = free_port()
+    env = dict(slurm, MASTER_PORT=str(free_port()), STAR_MCORE_DIR=str(ROOT))  # submitted from elsewhere
+    over = [f"checkpoint.hf_path={gqa_ckpt}", "model.context_parallel_size=2", "inference.context_parallel_mode=star",
+            f"inference.block_size={BLOCK}", f"inference.anchor_size={ANCHOR}", f"serve.port={port}"]
+    sub = subprocess.run(["sbatch", "--parsable", "--job-name=ci-serve", "--time=5",
+                          str(ROOT / "scripts" / "slurm" / "serve.sbatch"), CONFIG, *over],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    log = tmp_path / "runs" / f"ci-serve-{job_id}.log"
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm, capture_output=True,
+                                   text=True, timeout=30).stdout.strip()
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log.read_text()[-3000:])
+            time.sleep(1)
+        r = reqs[0]
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        res = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": model, "context": r["context_ids"], "prompt": r["query_ids"], "max_tokens": TOKENS,
+            "temperature": 0})
+        assert res.status_code == 200, res.text
+        tokens, _ = star_generate(gqa_ckpt, r["context_ids"], r["query_ids"], TOKENS, BLOCK, ANCHOR)
+        assert res.json()["choices"][0]["token_ids"] == tokens
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm, timeout=30)
+    state, _ = _wait(job_id, slurm)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert state == "CANCELLED", text[-3000:]
+    # torchrun prints its own traceback when Slurm's SIGTERM reaches it; none comes from star-mcore's code
+    assert "server stopped" in text and not re.search(r'File ".*star_mcore/', text), text[-3000:]
