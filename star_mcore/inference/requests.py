@@ -43,6 +43,9 @@ class Request:
     logprobs: int = 0
 
 
+_CUT = "\uE000"  # where a chat template's text is cut in two: a private-use character, never in real text
+
+
 class Tokenizer:
     """The checkpoint's tokenizer, loaded on first use (only text requests need it). ``chat``: prompts are
     wrapped in its chat template (``inference.apply_chat_template``)."""
@@ -99,25 +102,23 @@ class Tokenizer:
         """The chat template applied to one user turn ``context + query`` (plus the assistant header), cut
         where the query starts: (context ids for phase 1, query ids for phase 2). The template's own special
         tokens (BOS, headers) come from the template, not added again."""
-        tok = self._get()
-        cut = "\uE000"  # a private-use character: never in real text
-        text = tok.apply_chat_template([{"role": "user", "content": context + cut + query}], tokenize=False,
-                                       add_generation_prompt=True)
-        head, tail = text.split(cut, 1)
-        return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
-
+        return self._template_cut([{"role": "user", "content": context + _CUT + query}])
 
     def encode_messages(self, messages: List[Dict[str, str]]) -> Tuple[List[int], List[int]]:
         """A chat's turns in the chat template, cut where the last message's content starts: (context ids: the
         turns before it, for phase 1; query ids: the last message and the assistant header, for phase 2)."""
-        tok = self._get()
-        if not getattr(tok, "chat_template", None):
+        if not getattr(self._get(), "chat_template", None):
             raise RequestError(f"chat messages, but the tokenizer of {self.hf_path} has no chat template")
-        cut = "\uE000"  # a private-use character: never in real text
         turns = [dict(m) for m in messages]
-        turns[-1]["content"] = cut + turns[-1]["content"]
+        turns[-1]["content"] = _CUT + turns[-1]["content"]
+        return self._template_cut(turns)
+
+    def _template_cut(self, turns: List[Dict[str, str]]) -> Tuple[List[int], List[int]]:
+        """``turns`` (one holding ``_CUT``) in the chat template with the generation prompt, tokenized on
+        either side of the cut."""
+        tok = self._get()
         text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(cut, 1)
+        head, tail = text.split(_CUT, 1)
         return tok.encode(head, add_special_tokens=False), tok.encode(tail, add_special_tokens=False)
 
 
