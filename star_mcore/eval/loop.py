@@ -149,8 +149,7 @@ def run_eval(cfg: RunConfig, benchmark: str) -> int:
                     tag=(task, length, i, sample, ctx)) for task, length, i, sample, ctx, qry in prompts]
         try:
             if jobs:
-                pages = kv_pool_pages(cfg, arch, [(tuple(j.context_ids.tolist()), len(j.context_ids), j.own_tokens)
-                                                  for j in jobs])
+                pages = kv_pool_pages(cfg, arch, [j.footprint for j in jobs])
                 ContinuousBatch(s.engine).run(jobs, emit, pages=pages)
         finally:
             bar.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -45,6 +45,17 @@ class Job:
     def own_tokens(self) -> int:
         """KV the request appends on the query host: its query and the tokens it feeds back."""
         return len(self.query_ids) + self.sampling.tokens_to_generate
+
+    @property
+    def context_key(self) -> bytes:
+        """Jobs with equal keys share one encoded context."""
+        return self.context_ids.numpy().tobytes()
+
+    @property
+    def footprint(self) -> Tuple[bytes, int, int]:
+        """What the planner counts of it (:func:`.planner.pages_wanted`): (context key, context tokens, own
+        tokens)."""
+        return self.context_key, len(self.context_ids), self.own_tokens
 
 
 @dataclass
@@ -157,7 +168,7 @@ class ContinuousBatch:
         never fit, or whose phase 1 fails, is emitted as its error (True: it is dealt with)."""
         if None not in self.slots:
             return False
-        key = job.context_ids.numpy().tobytes()
+        key = job.context_key
         need = self._need(job, key)
         if not self._fits(need) and not self._make_room(need, keep=key):
             if self.busy:
@@ -189,8 +200,7 @@ class ContinuousBatch:
             jobs = list(jobs)
             eng = self.engine
             wanted, _ = pages_wanted(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(self.slots),
-                                     [(j.context_ids.numpy().tobytes(), len(j.context_ids), j.own_tokens)
-                                      for j in jobs])
+                                     [j.footprint for j in jobs])
             pages = 1 + wanted
         self.open(pages)
         pending = iter(jobs)
