@@ -46,3 +46,11 @@ def test_batch_smoke(tmp_path):
     for r in data["rows"]:
         assert set(r) >= {"batch", "kv_share", "shared_context", "ms_per_step", "tokens_per_s", "floor_ms_per_step"}
     assert [(w["max_batch_size"], w["requests"]) for w in data["workload"]] == [(1, 5), (3, 5)]
+
+
+def test_paged_kernel_smoke(tmp_path):
+    """Triton's interpreter runs the kernel on CPU: the layouts the static step builds, one row per tile."""
+    data = _smoke("bench_paged_kernel.py", tmp_path / "paged.json")
+    assert [(r["context"], r["batch"], r["shared_context"], r["rows_per_program"]) for r in data["rows"]] == \
+        [(96, 3, True, 16), (64, 2, False, 16)]
+    assert all(r["us_per_call"] > 0 and r["splits"] >= 1 for r in data["rows"])

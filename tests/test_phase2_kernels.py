@@ -106,6 +106,38 @@ def test_triton_kernel_follows_lengths_that_grow_on_the_device():
             assert (lse[slot].double() - l).abs().max() < 1e-5
 
 
+@needs_triton
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("gq,rows", [(3, 16), (8, 16), (2, 32)])
+def test_triton_kernel_cuts_many_members_into_chunks(gq, rows):
+    """Twelve slots over one shared context, more query rows than one program holds: the members are cut
+    into chunks (with GQA 3 a chunk of 16 rows holds 5 slots and one idle row); every slot still gets the
+    reference's softmax over the shared keys and its own."""
+    g = torch.Generator().manual_seed(gq * rows)
+    hk, d, page, S, n = 2, 16, 8, 12, 150
+    own = [1 + (s * 5) % 11 for s in range(S)]
+    pages = -(-n // page) + S * 2 + 1
+    k_pool, v_pool = torch.randn(2, hk, pages, page, d, generator=g)
+    k_pool[:, 0], v_pool[:, 0] = float("nan"), float("nan")
+    q = torch.randn(S, hk, gq, d, generator=g)
+    perm = (torch.randperm(pages - 1, generator=g) + 1).tolist()
+    G = S + 1
+    table = torch.zeros(G, -(-n // page), dtype=torch.int32)
+    lens = torch.tensor([n] + own, dtype=torch.int32)
+    members = torch.full((G, S), -1, dtype=torch.long)
+    members[0] = torch.arange(S)
+    members[1:, 0] = torch.arange(S)
+    part = torch.tensor([0] + [1] * S)
+    for j in range(G):
+        table[j, : -(-int(lens[j]) // page)] = torch.tensor([perm.pop() for _ in range(-(-int(lens[j]) // page))],
+                                                           dtype=torch.int32)
+    layout = PagedLayout(table.to(DEV), lens.to(DEV), members.to(DEV), part.to(DEV), n_parts=2, splits=2)
+    args = (q.to(DEV), k_pool.to(DEV), v_pool.to(DEV), layout, d ** -0.5)
+    out, lse = paged_attention_triton(*args, rows_per_program=rows)
+    ref_out, ref_lse = paged_attention_reference(*args)
+    assert (out - ref_out).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+
+
 def test_paged_kernel_choice_and_split_counts():
     assert resolve_paged_kernel(torch.device("cpu")) is paged_attention_reference
     assert split_count(1, 8, 132) == 64 and split_count(16, 8, 132) == 4 and split_count(64, 8, 132) == 1

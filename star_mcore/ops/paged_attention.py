@@ -79,15 +79,16 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout:
     return merge_partials(outs, lses)
 
 
-def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout,
-                           scale: float) -> Tuple[Tensor, Tensor]:
-    """Triton split-KV kernel: one program per (group, KV head, split) reads its keys once for all the group's
-    members' rows; its partials land at (part, split, slot); one fused launch merges them per slot."""
+def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout, scale: float,
+                           **launch) -> Tuple[Tensor, Tensor]:
+    """Triton split-KV kernel: one program per (group, KV head, split, chunk of members) reads its keys once
+    for all the chunk's rows; its partials land at (part, split, slot); one fused launch merges them per slot.
+    ``launch``: the kernel's tile settings (``rows_per_program``, ``num_warps``; defaults fit Hopper)."""
     from . import triton_kernels as tk
 
     parts, lses = _neutral(q, layout.n_parts * layout.splits)
     tk.paged_split_kv_attention(q, k_pool, v_pool, layout.table, layout.lens, layout.members, layout.part,
-                                layout.splits, scale, parts, lses)
+                                layout.splits, scale, parts, lses, **launch)
     s, hk, g, d = q.shape
     out, lse = tk.merge_rows(parts.reshape(parts.shape[0], -1, d), lses.reshape(lses.shape[0], -1))
     return out.reshape(s, hk, g, d), lse.reshape(s, hk, g)

@@ -8,7 +8,7 @@ can be captured in a CUDA graph and replayed while the KV length grows.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -17,6 +17,7 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner tile
+ROWS_PER_PROGRAM = 64  # query rows (members x GQA heads) one program holds: more spill its registers
 
 
 @triton.jit
@@ -26,27 +27,33 @@ def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
                   HK, G, M, GQ, PAGE, SPLITS, scale_log2,
                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_G: tl.constexpr, IEEE: tl.constexpr):
-    """Program (j * HK + h, s): the rows of group j's members (M slots x GQ query heads) of KV head h against
-    the group's keys [s*split, min((s+1)*split, len_j)), read page by page once for all of them. ``split`` is
-    the longest group's length over SPLITS (on the device: the lengths grow without a new launch config)."""
+    """Program (j * HK + h, s, c): the rows of chunk c of group j's members (BLOCK_M // GQ slots x GQ query
+    heads) of KV head h against the group's keys [s*split, min((s+1)*split, len_j)), read page by page once for
+    all of them. ``split`` is the longest group's length over SPLITS (on the device: the lengths grow without a
+    new launch config). A group of many members is cut into chunks so that a program's tile stays in
+    registers; its keys are then read once per chunk, by programs that run together (from L2 mostly)."""
     jh = tl.program_id(0)
     s = tl.program_id(1)
+    c = tl.program_id(2)
     j = jh // HK
     h = jh % HK
     rg = tl.arange(0, BLOCK_G)
     longest = tl.max(tl.load(LENS + rg, mask=rg < G, other=0), 0).to(tl.int32)
     split = tl.cdiv(tl.cdiv(longest, SPLITS), BLOCK_N) * BLOCK_N
     n_len = tl.load(LENS + j).to(tl.int32)
-    start = s * split
-    end = tl.minimum(start + split, n_len)
     rm = tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     rn = tl.arange(0, BLOCK_N)
     dmask = rd < HEAD_D
-    member = rm // GQ
+    per_chunk = BLOCK_M // GQ
+    local = rm // GQ
+    member = c * per_chunk + local
     head = rm % GQ
-    slot = tl.load(MEMBERS + j * sm_g + member, mask=member < M, other=-1)
-    rows = (member < M) & (slot >= 0)
+    valid = (local < per_chunk) & (member < M)
+    slot = tl.load(MEMBERS + j * sm_g + member, mask=valid, other=-1)
+    rows = valid & (slot >= 0)
+    start = s * split
+    end = tl.where(tl.max(rows.to(tl.int32), 0) > 0, tl.minimum(start + split, n_len), start)  # no rows: no keys
     q = tl.load(Q + slot[:, None] * sq_s + h * sq_h + head[:, None] * sq_r + rd[None, :],
                 mask=rows[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -145,10 +152,13 @@ def _pow2(n: int, least: int = 1) -> int:
 
 def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens: Tensor,
                              members: Tensor, part: Tensor, splits: int, scale: float, out: Tensor,
-                             lse: Tensor) -> None:
+                             lse: Tensor, rows_per_program: int = ROWS_PER_PROGRAM,
+                             num_warps: Optional[int] = None) -> None:
     """Partials of a paged step into ``out`` [n_parts * splits, S, hk, g, d], ``lse`` [n_parts * splits, S, hk, g]
     (float32; rows no group writes keep what they hold). q [S, hk, g, d]; k, v pools [hk, pages, page, d];
-    table [G, W] int32, lens [G] int32, members [G, M] int64, part [G] int64 (see ops.paged_attention)."""
+    table [G, W] int32, lens [G] int32, members [G, M] int64, part [G] int64 (see ops.paged_attention).
+    ``rows_per_program`` caps a program's query rows (at least one member's g rows); ``num_warps``: 4 for
+    tiles of up to 32 rows, else 8 (unless given)."""
     s, hk, g, d = q.shape
     G, M = members.shape
     if G == 0:
@@ -156,14 +166,17 @@ def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: T
     for t in (q, k_pool, v_pool, out):
         if t.stride(-1) != 1:
             raise ValueError("paged_split_kv_attention needs the head dimension contiguous")
-    _paged_kernel[(G * hk, splits)](
+    block_m = min(_pow2(M * g, 16), max(_pow2(rows_per_program, 16), _pow2(g, 16)))
+    chunks = -(-M // (block_m // g))
+    warps = num_warps or (4 if block_m <= 32 else 8)
+    _paged_kernel[(G * hk, splits, chunks)](
         q, k_pool, v_pool, table, lens, members, part, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), table.stride(0), members.stride(0),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         hk, G, M, g, k_pool.shape[2], splits, scale * LOG2E,
-        HEAD_D=d, BLOCK_M=_pow2(M * g, 16), BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N, BLOCK_G=_pow2(G, 2),
-        IEEE=q.dtype == torch.float32)
+        HEAD_D=d, BLOCK_M=block_m, BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N, BLOCK_G=_pow2(G, 2),
+        IEEE=q.dtype == torch.float32, num_warps=warps)
 
 
 def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
