@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="1,4,16,32")
     ap.add_argument("--shares", default="16384,32768")
-    ap.add_argument("--shared", default="131072:1,8,32", help="context:batches of the shared-context rows")
+    ap.add_argument("--shared", default="131072:1,8,32", help="context:batches of the shared-context rows (\"\": none)")
     ap.add_argument("--query", type=int, default=32)
     ap.add_argument("--budgets", default="16,48", help="the two budgets of the slope")
     ap.add_argument("--reps", type=int, default=3)
@@ -217,9 +217,11 @@ def main() -> None:
             benchlib.write_json(args.out, payload, announce=False)
         benchlib.write_json(args.out, payload)
         return
-    cases = [(b, n, False) for n in map(int, args.shares.split(",")) for b in map(int, args.batches.split(","))]
-    ctx, batches = args.shared.split(":")
-    cases += [(b, int(ctx), True) for b in map(int, batches.split(","))]
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731 ("" : none)
+    cases = [(b, n, False) for n in ints(args.shares) for b in ints(args.batches)]
+    if args.shared:
+        ctx, batches = args.shared.split(":")
+        cases += [(b, int(ctx), True) for b in ints(batches)]
     for b, n, shared in cases:
         need = (n * (1 if shared else b) + b * (args.query + max(args.budgets))) * kv_token
         if need > room:
