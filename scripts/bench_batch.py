@@ -30,6 +30,7 @@ from bench_decode_floor import bandwidth, step_bytes  # noqa: E402
 from star_mcore.config import InferenceConfig  # noqa: E402
 from star_mcore.inference.batch import ContinuousBatch, Job  # noqa: E402
 from star_mcore.inference.engine import Engine, Sampling  # noqa: E402
+from star_mcore.inference.planner import pages_wanted  # noqa: E402
 
 
 def _sync(dev) -> None:
@@ -37,13 +38,13 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def run_jobs(engine: Engine, jobs) -> float:
-    """Seconds to answer ``jobs`` through one batch."""
+def run_jobs(engine: Engine, jobs, pages=None) -> float:
+    """Seconds to answer ``jobs`` through one batch (a pool of ``pages`` pages: default, what they need at once)."""
     dev = engine.groups.device
     _sync(dev)
     t0 = time.perf_counter()
     out = []
-    ContinuousBatch(engine).run(jobs, lambda job, gen: out.append(gen))
+    ContinuousBatch(engine).run(jobs, lambda job, gen: out.append(gen), pages)
     _sync(dev)
     assert all(not isinstance(g, Exception) for g in out), [g for g in out if isinstance(g, Exception)][:1]
     return time.perf_counter() - t0
@@ -139,9 +140,10 @@ def profile_row(args, model, groups, batch: int, kv_share: int) -> dict:
     return out
 
 
-def workload_row(args, model, groups, max_batch: int) -> dict:
+def workload_row(args, model, groups, max_batch: int, room: int, kv_token: int) -> dict:
     """``--workload`` requests (seeded: context in [lo, hi] tokens, answer in [lo, hi] tokens), end to end with
-    phase 1 really run: requests/s and generated tokens/s."""
+    phase 1 really run: requests/s and generated tokens/s. The pool holds what ``max_batch`` of the largest need
+    at once, capped by ``room`` bytes (as the runner's planner caps it): admission waits for pages beyond."""
     rnd = random.Random(0)
     vocab = model.arch.vocab_size
     c_lo, c_hi = args.workload_context
@@ -153,10 +155,14 @@ def workload_row(args, model, groups, max_batch: int) -> dict:
                         Sampling(rnd.randint(n_lo, n_hi))))
     engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=args.decode,
                                                    max_batch_size=max_batch, attention_backend=args.backend))
-    run_jobs(engine, jobs[:2])  # warm-up
-    seconds = run_jobs(engine, jobs)
+    page = engine.inference.kv_page_size
+    wanted, largest = pages_wanted(engine.mode, 1, page, max_batch, [j.footprint for j in jobs])
+    pages = 1 + max(largest, min(wanted, room // (page * kv_token)))
+    run_jobs(engine, jobs[:2], pages)  # warm-up
+    seconds = run_jobs(engine, jobs, pages)
     new = sum(j.sampling.tokens_to_generate for j in jobs)
-    row = dict(max_batch_size=max_batch, requests=len(jobs), seconds=seconds, requests_per_s=len(jobs) / seconds,
+    row = dict(max_batch_size=max_batch, requests=len(jobs), pool_pages=pages, seconds=seconds,
+               requests_per_s=len(jobs) / seconds,
                generated_tokens_per_s=new / seconds)
     _free(engine)
     return row
@@ -179,6 +185,7 @@ def main() -> None:
     ap.add_argument("--workload", type=int, default=64, help="requests of the workload rows (0: none)")
     ap.add_argument("--workload-context", default="8192,32768")
     ap.add_argument("--workload-new", default="64,512")
+    ap.add_argument("--workload-batches", default="1,16", help="max_batch_size of each workload row")
     ap.add_argument("--memory-gib", type=float, default=0, help="skip rows whose KV exceeds this (0: the GPU's)")
     ap.add_argument("--profile", default="", help="batch:share[,batch:share...]: only profile these steps")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, short contexts: checks the script anywhere")
@@ -234,8 +241,8 @@ def main() -> None:
               f"{row['tokens_per_s']:9.1f} tok/s, floor {row['floor_ms_per_step']:8.3f} ms", flush=True)
         benchlib.write_json(args.out, payload, announce=False)
     if args.workload:
-        for mb in (1, 16) if not args.smoke else (1, 3):
-            row = workload_row(args, model, groups, mb)
+        for mb in ints(args.workload_batches) if not args.smoke else (1, 3):
+            row = workload_row(args, model, groups, mb, room, kv_token)
             payload["workload"].append(row)
             print(f"workload max_batch_size={mb}: {row['requests_per_s']:.3f} requests/s, "
                   f"{row['generated_tokens_per_s']:.1f} generated tokens/s", flush=True)

@@ -1,7 +1,8 @@
 """The batched decode step's paged attention kernel alone (one layer, the 8B shape's heads), on the layouts the
 static step builds: B slots over separate contexts, or B questions over one shared context (read once for all),
 each slot with its own few tokens. Microseconds per call and the bandwidth of the keys and values read once,
-for each tile setting of the Triton kernel (query rows a program holds, warps): the data behind its defaults.
+for each tile setting of the Triton kernel (query rows a program holds, warps, pipeline stages), with the
+compiled kernel's registers and spills: the data behind its defaults.
 
     python scripts/bench_paged_kernel.py --out docs/bench/paged_kernel.json
     python scripts/bench_paged_kernel.py --smoke --out /tmp/x.json   # CPU check (TRITON_INTERPRET=1)
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from star_mcore.ops.paged_attention import PagedLayout, paged_attention_triton, split_count  # noqa: E402
+from star_mcore.ops.triton_kernels import paged_split_kv_attention  # noqa: E402
 
 
 def layout(batch: int, context: int, shared: bool, own: int, page: int, hk: int, sms: int, dev):
@@ -54,7 +56,8 @@ def main() -> None:
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--cases", default="131072:1s,131072:8s,131072:16s,131072:32s,16384:1,16384:16,32768:32",
                     help="context:batch[s] (s: one shared context)")
-    ap.add_argument("--tiles", default="16:4,32:4,32:8,64:4,64:8,128:8", help="rows_per_program:num_warps")
+    ap.add_argument("--tiles", default="16:4,32:4,64:4,64:8,128:8",
+                    help="rows_per_program:num_warps[:num_stages]")
     ap.add_argument("--own", type=int, default=64, help="each slot's own tokens")
     ap.add_argument("--page", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20)
@@ -77,15 +80,20 @@ def main() -> None:
         q = torch.randn(batch, hk, hq // hk, d, device=dev).to(dtype)
         read = (context * (1 if shared else batch) + batch * args.own) * hk * d * 2 * kp.element_size()
         for tile in args.tiles.split(","):
-            rows, warps = map(int, tile.split(":"))
-            call = lambda: paged_attention_triton(q, kp, vp, lay, d ** -0.5, rows_per_program=rows,  # noqa: E731
-                                                  num_warps=warps)
+            rows, warps, *stages = map(int, tile.split(":"))
+            launch = dict(rows_per_program=rows, num_warps=warps, num_stages=stages[0] if stages else None)
+            call = lambda: paged_attention_triton(q, kp, vp, lay, d ** -0.5, **launch)  # noqa: E731
             s = benchlib.timed(call, dev, 2, args.reps)
-            row = dict(context=context, batch=batch, shared_context=shared, splits=lay.splits,
-                       rows_per_program=rows, num_warps=warps, us_per_call=s * 1e6, kv_gbps=read / s / 1e9)
+            parts = torch.zeros(2 * lay.splits, batch, hk, hq // hk, d, device=dev)
+            compiled = paged_split_kv_attention(q, kp, vp, lay.table, lay.lens, lay.members, lay.part, lay.splits,
+                                                d ** -0.5, parts, parts[..., 0].clone(), **launch)
+            row = dict(context=context, batch=batch, shared_context=shared, splits=lay.splits, **launch,
+                       registers=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                       us_per_call=s * 1e6, kv_gbps=read / s / 1e9)
             payload["rows"].append(row)
-            print(f"{context:7} x {batch:3}{' shared' if shared else '       '} rows {rows:3} warps {warps}: "
-                  f"{row['us_per_call']:9.1f} us, {row['kv_gbps']:7.0f} GB/s", flush=True)
+            print(f"{context:7} x {batch:3}{' shared' if shared else '       '} {tile:>8}: "
+                  f"{row['us_per_call']:9.1f} us, {row['kv_gbps']:7.0f} GB/s, registers {row['registers']}, "
+                  f"spills {row['spills']}", flush=True)
         benchlib.write_json(args.out, payload, announce=False)
     benchlib.write_json(args.out, payload)
 

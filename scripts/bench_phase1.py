@@ -147,7 +147,8 @@ def main() -> None:
             anchor = SharedAnchor(1, None)
             anchor.kv[0] = random_kv(a)
             received = ReceivedKV(*random_kv(len(prev)))
-            return run_tokens(("previous", len(blk), a, len(prev)), len(blk),
+            overlap = max(0, a - prev.start)  # block 1's previous is the anchor: less to attend than later blocks'
+            return run_tokens(("previous", len(blk), a, len(prev), overlap), len(blk),
                               lambda c: EncodeWithPrevious(attn, c, [blk], anchor, a, prev, received))
 
         def context_row(n, p, b, name, star_context, blocks_of_anchor, landmarks):

@@ -108,13 +108,14 @@ def test_triton_kernel_follows_lengths_that_grow_on_the_device():
 
 @needs_triton
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
-@pytest.mark.parametrize("gq,rows", [(3, 16), (8, 16), (2, 32)])
-def test_triton_kernel_cuts_many_members_into_chunks(gq, rows):
+@pytest.mark.parametrize("gq,rows,page", [(3, 16, 8), (8, 16, 128), (2, 32, 8)])
+def test_triton_kernel_cuts_many_members_into_chunks(gq, rows, page):
     """Twelve slots over one shared context, more query rows than one program holds: the members are cut
     into chunks (with GQA 3 a chunk of 16 rows holds 5 slots and one idle row); every slot still gets the
-    reference's softmax over the shared keys and its own."""
+    reference's softmax over the shared keys and its own. Pages of 128 keys hold whole key tiles (one page id
+    a tile), pages of 8 do not (a page id per key)."""
     g = torch.Generator().manual_seed(gq * rows)
-    hk, d, page, S, n = 2, 16, 8, 12, 150
+    hk, d, S, n = 2, 16, 12, 150
     own = [1 + (s * 5) % 11 for s in range(S)]
     pages = -(-n // page) + S * 2 + 1
     k_pool, v_pool = torch.randn(2, hk, pages, page, d, generator=g)

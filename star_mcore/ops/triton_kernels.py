@@ -26,7 +26,7 @@ def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
                   so_x, so_s, so_h, so_r, sl_x, sl_s, sl_h,
                   HK, G, M, GQ, PAGE, SPLITS, scale_log2,
                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_G: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_G: tl.constexpr, IEEE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
     """Program (j * HK + h, s, c): the rows of chunk c of group j's members (BLOCK_M // GQ slots x GQ query
     heads) of KV head h against the group's keys [s*split, min((s+1)*split, len_j)), read page by page once for
     all of them. ``split`` is the longest group's length over SPLITS (on the device: the lengths grow without a
@@ -62,13 +62,19 @@ def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + rn
         kmask = cols < end
-        page = tl.load(TABLE + j * st_g + cols // PAGE, mask=kmask, other=0).to(tl.int64)
-        off = cols % PAGE
         kv_mask = kmask[:, None] & dmask[None, :]
-        k = tl.load(K + h * sk_h + page[:, None] * sk_p + off[:, None] * sk_n + rd[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + h * sv_h + page[:, None] * sv_p + off[:, None] * sv_n + rd[None, :], mask=kv_mask,
-                    other=0.0)
+        if TILE_IN_PAGE:  # the tile lies in one page: one page id, and rows the compiler sees are affine
+            page = tl.load(TABLE + j * st_g + n0 // PAGE).to(tl.int64)
+            row = n0 % PAGE + rn
+            k = tl.load(K + h * sk_h + page * sk_p + row[:, None] * sk_n + rd[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + h * sv_h + page * sv_p + row[:, None] * sv_n + rd[None, :], mask=kv_mask, other=0.0)
+        else:
+            page = tl.load(TABLE + j * st_g + cols // PAGE, mask=kmask, other=0).to(tl.int64)
+            off = cols % PAGE
+            k = tl.load(K + h * sk_h + page[:, None] * sk_p + off[:, None] * sk_n + rd[None, :], mask=kv_mask,
+                        other=0.0)
+            v = tl.load(V + h * sv_h + page[:, None] * sv_p + off[:, None] * sv_n + rd[None, :], mask=kv_mask,
+                        other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -153,30 +159,32 @@ def _pow2(n: int, least: int = 1) -> int:
 def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens: Tensor,
                              members: Tensor, part: Tensor, splits: int, scale: float, out: Tensor,
                              lse: Tensor, rows_per_program: int = ROWS_PER_PROGRAM,
-                             num_warps: Optional[int] = None) -> None:
+                             num_warps: Optional[int] = None, num_stages: Optional[int] = None):
     """Partials of a paged step into ``out`` [n_parts * splits, S, hk, g, d], ``lse`` [n_parts * splits, S, hk, g]
     (float32; rows no group writes keep what they hold). q [S, hk, g, d]; k, v pools [hk, pages, page, d];
     table [G, W] int32, lens [G] int32, members [G, M] int64, part [G] int64 (see ops.paged_attention).
     ``rows_per_program`` caps a program's query rows (at least one member's g rows); ``num_warps``: 4 for
-    tiles of up to 32 rows, else 8 (unless given)."""
+    tiles of up to 32 rows, else 8 (unless given); ``num_stages``: Triton's default unless given. Returns
+    Triton's compiled kernel (its registers and spills, for the benchmark)."""
     s, hk, g, d = q.shape
     G, M = members.shape
     if G == 0:
-        return
+        return None
     for t in (q, k_pool, v_pool, out):
         if t.stride(-1) != 1:
             raise ValueError("paged_split_kv_attention needs the head dimension contiguous")
     block_m = min(_pow2(M * g, 16), max(_pow2(rows_per_program, 16), _pow2(g, 16)))
     chunks = -(-M // (block_m // g))
     warps = num_warps or (4 if block_m <= 32 else 8)
-    _paged_kernel[(G * hk, splits, chunks)](
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    return _paged_kernel[(G * hk, splits, chunks)](
         q, k_pool, v_pool, table, lens, members, part, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), table.stride(0), members.stride(0),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         hk, G, M, g, k_pool.shape[2], splits, scale * LOG2E,
         HEAD_D=d, BLOCK_M=block_m, BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N, BLOCK_G=_pow2(G, 2),
-        IEEE=q.dtype == torch.float32, num_warps=warps)
+        IEEE=q.dtype == torch.float32, TILE_IN_PAGE=k_pool.shape[2] % BLOCK_N == 0, num_warps=warps, **stages)
 
 
 def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
