@@ -17,7 +17,7 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner tile
-ROWS_PER_PROGRAM = 64  # query rows (members x GQA heads) one program holds: more spill its registers
+ROWS_PER_PROGRAM = 64  # query rows (members x GQA heads) a program holds: 16 or 128 were slower on an H100
 
 
 @triton.jit
@@ -159,13 +159,13 @@ def _pow2(n: int, least: int = 1) -> int:
 def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens: Tensor,
                              members: Tensor, part: Tensor, splits: int, scale: float, out: Tensor,
                              lse: Tensor, rows_per_program: int = ROWS_PER_PROGRAM,
-                             num_warps: Optional[int] = None, num_stages: Optional[int] = None):
+                             num_warps: int = 4, num_stages: Optional[int] = None):
     """Partials of a paged step into ``out`` [n_parts * splits, S, hk, g, d], ``lse`` [n_parts * splits, S, hk, g]
     (float32; rows no group writes keep what they hold). q [S, hk, g, d]; k, v pools [hk, pages, page, d];
     table [G, W] int32, lens [G] int32, members [G, M] int64, part [G] int64 (see ops.paged_attention).
-    ``rows_per_program`` caps a program's query rows (at least one member's g rows); ``num_warps``: 4 for
-    tiles of up to 32 rows, else 8 (unless given); ``num_stages``: Triton's default unless given. Returns
-    Triton's compiled kernel (its registers and spills, for the benchmark)."""
+    ``rows_per_program`` caps a program's query rows (at least one member's g rows); ``num_warps`` (4) and
+    ``num_stages`` (Triton's default): the defaults were the fastest or within noise of it on an H100
+    (docs/bench/paged_kernel_h100.json). Returns Triton's compiled kernel (registers, spills: the benchmark's)."""
     s, hk, g, d = q.shape
     G, M = members.shape
     if G == 0:
@@ -175,7 +175,6 @@ def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: T
             raise ValueError("paged_split_kv_attention needs the head dimension contiguous")
     block_m = min(_pow2(M * g, 16), max(_pow2(rows_per_program, 16), _pow2(g, 16)))
     chunks = -(-M // (block_m // g))
-    warps = num_warps or (4 if block_m <= 32 else 8)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     return _paged_kernel[(G * hk, splits, chunks)](
         q, k_pool, v_pool, table, lens, members, part, out, lse,
@@ -184,7 +183,7 @@ def paged_split_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: T
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         hk, G, M, g, k_pool.shape[2], splits, scale * LOG2E,
         HEAD_D=d, BLOCK_M=block_m, BLOCK_D=_pow2(d, 16), BLOCK_N=BLOCK_N, BLOCK_G=_pow2(G, 2),
-        IEEE=q.dtype == torch.float32, TILE_IN_PAGE=k_pool.shape[2] % BLOCK_N == 0, num_warps=warps, **stages)
+        IEEE=q.dtype == torch.float32, TILE_IN_PAGE=k_pool.shape[2] % BLOCK_N == 0, num_warps=num_warps, **stages)
 
 
 def merge_rows(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
