@@ -133,3 +133,20 @@ def test_a_row_gets_the_same_whatever_work_its_batch_needs():
     sorted_tokens = sample(logits[1].expand(n, V).contiguous(), many)[0]
     plain_tokens = sample(logits[1].expand(n, V).contiguous(), many, SamplerWork(True, False, False))[0]
     assert torch.equal(sorted_tokens, plain_tokens) and len(set(plain_tokens.tolist())) > 5
+
+
+def test_params_fill_copies_rows_in_place_and_idle_rows_are_greedy():
+    """SamplingParams.fill: the one copy of rows' settings into the step's tensors (the same addresses, as a
+    captured step needs); an idle row is greedy and a setting without a counter (a request's first token) is
+    at token 0."""
+    from types import SimpleNamespace
+
+    p = SamplingParams.allocate(3, torch.device("cpu"))
+    addresses = [t.data_ptr() for t in (p.temperature, p.top_k, p.top_p, p.seed, p.counter)]
+    slot = SimpleNamespace(temperature=0.7, top_k=5, top_p=0.9, seed=-3, counter=11)
+    request = SimpleNamespace(temperature=1.5, top_k=0, top_p=0.5, seed=2 ** 40)
+    p.fill([slot, None, request])
+    assert [t.data_ptr() for t in (p.temperature, p.top_k, p.top_p, p.seed, p.counter)] == addresses
+    assert torch.allclose(p.temperature, torch.tensor([0.7, 0.0, 1.5]))
+    assert p.top_k.tolist() == [5, 0, 0] and p.seed.tolist() == [-3, 0, 2 ** 40] and p.counter.tolist() == [11, 0, 0]
+    assert torch.allclose(p.top_p, torch.tensor([0.9, 1.0, 0.5]))

@@ -82,14 +82,6 @@ def _requests(rows: Sequence[Optional[DecodeRow]]) -> Tuple[Optional[int], ...]:
     return tuple(None if r is None else r.request for r in rows)
 
 
-def _fill_params(p: SamplingParams, rows: Sequence[Optional[DecodeRow]]) -> None:
-    """Copy the rows' sampling parameters into ``p`` (idle rows: greedy)."""
-    get = lambda f, idle: [idle if r is None else getattr(r, f) for r in rows]  # noqa: E731
-    for field, idle in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("seed", 0), ("counter", 0)):
-        dst = getattr(p, field)
-        dst.copy_(torch.tensor(get(field, idle), dtype=dst.dtype))
-
-
 class EagerDecode:
     pipelined = False
 
@@ -101,7 +93,7 @@ class EagerDecode:
         busy = [r for r in rows if r is not None]
         dev = g.device
         params = SamplingParams.allocate(len(busy), dev)
-        _fill_params(params, busy)
+        params.fill(busy)
         verdict = torch.zeros(len(busy), width(m.arch.vocab_size), dtype=torch.float64, device=dev)
         with m.attending(EagerBatchStep(h.attn, [(r.context, r.own) for r in busy], g.cp)):
             m.runtime.reset_guard(dev, rows=len(busy))
@@ -162,7 +154,7 @@ class _Inputs:
             dst.copy_(torch.as_tensor(src, dtype=dst.dtype))
         if self.write_at is not None:
             self.write_at.copy_(write_at)
-        _fill_params(self.params, rows)
+        self.params.fill(rows)
 
     def advance(self, page_size: int) -> None:
         """After a step, on the device: every slot feeds the token it chose at the next position; the own

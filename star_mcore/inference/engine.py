@@ -144,8 +144,7 @@ class Engine:
         g, m = self.groups, self.model
         start = len(context.context_ids)
         params = SamplingParams.allocate(1, g.device)
-        for name in ("temperature", "top_k", "top_p", "seed"):
-            getattr(params, name).fill_(getattr(sampling, name))
+        params.fill([sampling])
         verdict = torch.zeros(1, width(m.arch.vocab_size), dtype=torch.float64, device=g.device)
         with m.attending(QueryStep(self.host.attn, context.seq, own, g.cp)):
             m.runtime.reset_guard(g.device)

@@ -10,7 +10,7 @@ over the tokens top-k and top-p keep, which draws exactly from the softmax of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Tuple
+from typing import Any, Iterable, Sequence, Tuple
 
 import torch
 
@@ -35,6 +35,19 @@ class SamplingParams:
     def allocate(cls, slots: int, device: torch.device) -> "SamplingParams":
         z = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         return cls(z(torch.float32), z(torch.long), torch.ones(slots, device=device), z(torch.long), z(torch.long))
+
+    def fill(self, settings: Sequence[Any]) -> None:
+        """Copy each row's ``temperature``, ``top_k``, ``top_p``, ``seed`` and ``counter`` (0 where it has none:
+        a request's first token) into these tensors in place (a captured step reads their addresses); None rows
+        (idle slots) are greedy."""
+        def value(r: Any, name: str, idle: float) -> float:
+            if r is None:
+                return idle
+            return getattr(r, "counter", 0) if name == "counter" else getattr(r, name)
+
+        for name, idle in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("seed", 0), ("counter", 0)):
+            dst = getattr(self, name)
+            dst.copy_(torch.tensor([value(r, name, idle) for r in settings], dtype=dst.dtype))
 
 
 @dataclass(frozen=True)
