@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.heads, args.cases, args.tiles, args.own, args.page, args.reps = "8,2,32", "96:3s,64:2", "16:4", 5, 16, 1
+        args.heads, args.cases, args.tiles, args.own, args.page, args.reps = "4,2,16", "40:3s,20:2", "16:4", 3, 16, 1
     hq, hk, d = map(int, args.heads.split(","))
     dev = torch.device(benchlib.device_kind(args.device))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -83,7 +83,7 @@ def main() -> None:
             rows, warps, *stages = map(int, tile.split(":"))
             launch = dict(rows_per_program=rows, num_warps=warps, num_stages=stages[0] if stages else None)
             call = lambda: paged_attention_triton(q, kp, vp, lay, d ** -0.5, **launch)  # noqa: E731
-            s = benchlib.timed(call, dev, 2, args.reps)
+            s = benchlib.timed(call, dev, 0 if args.smoke else 2, args.reps)
             parts = torch.zeros(2 * lay.splits, batch, hk, hq // hk, d, device=dev)
             compiled = paged_split_kv_attention(q, kp, vp, lay.table, lay.lens, lay.members, lay.part, lay.splits,
                                                 d ** -0.5, parts, parts[..., 0].clone(), **launch)
