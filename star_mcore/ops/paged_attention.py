@@ -83,7 +83,8 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: Pa
                            **launch) -> Tuple[Tensor, Tensor]:
     """Triton split-KV kernel: one program per (group, KV head, split, chunk of members) reads its keys once
     for all the chunk's rows; its partials land at (part, split, slot); one fused launch merges them per slot.
-    ``launch``: the kernel's tile settings (``rows_per_program``, ``num_warps``; defaults fit Hopper)."""
+    ``launch``: the kernel's tile settings (``rows_per_program``, ``num_warps``, ``num_stages``; the defaults
+    were measured on an H100)."""
     from . import triton_kernels as tk
 
     parts, lses = _neutral(q, layout.n_parts * layout.splits)

@@ -31,7 +31,7 @@ def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
     heads) of KV head h against the group's keys [s*split, min((s+1)*split, len_j)), read page by page once for
     all of them. ``split`` is the longest group's length over SPLITS (on the device: the lengths grow without a
     new launch config). A group of many members is cut into chunks so that a program's tile stays in
-    registers; its keys are then read once per chunk, by programs that run together (from L2 mostly)."""
+    registers; its keys are then read once per chunk."""
     jh = tl.program_id(0)
     s = tl.program_id(1)
     c = tl.program_id(2)
