@@ -38,12 +38,13 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def run_jobs(engine: Engine, jobs, pages=None) -> float:
-    """Seconds to answer ``jobs`` through one batch (a pool of ``pages`` pages: default, what they need at once)."""
+def run_jobs(engine: Engine, jobs, pages=None, out=None) -> float:
+    """Seconds to answer ``jobs`` through one batch (a pool of ``pages`` pages: default, what they need at once);
+    their Generations are appended to ``out`` when given."""
     dev = engine.groups.device
     _sync(dev)
     t0 = time.perf_counter()
-    out = []
+    out = [] if out is None else out
     ContinuousBatch(engine).run(jobs, lambda job, gen: out.append(gen), pages)
     _sync(dev)
     assert all(not isinstance(g, Exception) for g in out), [g for g in out if isinstance(g, Exception)][:1]
@@ -159,11 +160,13 @@ def workload_row(args, model, groups, max_batch: int, room: int, kv_token: int) 
     wanted, largest = pages_wanted(engine.mode, 1, page, max_batch, [j.footprint for j in jobs])
     pages = 1 + max(largest, min(wanted, room // (page * kv_token)))
     run_jobs(engine, jobs[:2], pages)  # warm-up
-    seconds = run_jobs(engine, jobs, pages)
+    gens = []
+    seconds = run_jobs(engine, jobs, pages, gens)
     new = sum(j.sampling.tokens_to_generate for j in jobs)
+    phase1 = sum(g.timings["phase1_s"] for g in gens)  # the batch waits while each runs: the part batching keeps
     row = dict(max_batch_size=max_batch, requests=len(jobs), pool_pages=pages, seconds=seconds,
-               requests_per_s=len(jobs) / seconds,
-               generated_tokens_per_s=new / seconds)
+               requests_per_s=len(jobs) / seconds, generated_tokens_per_s=new / seconds,
+               phase1_s=phase1, phase1_share=phase1 / seconds)
     _free(engine)
     return row
 
@@ -245,7 +248,8 @@ def main() -> None:
             row = workload_row(args, model, groups, mb, room, kv_token)
             payload["workload"].append(row)
             print(f"workload max_batch_size={mb}: {row['requests_per_s']:.3f} requests/s, "
-                  f"{row['generated_tokens_per_s']:.1f} generated tokens/s", flush=True)
+                  f"{row['generated_tokens_per_s']:.1f} generated tokens/s, phase 1 {row['phase1_share']:.0%} of "
+                  f"the time", flush=True)
             benchlib.write_json(args.out, payload, announce=False)
     benchlib.write_json(args.out, payload)
 

@@ -46,6 +46,7 @@ def test_batch_smoke(tmp_path):
     for r in data["rows"]:
         assert set(r) >= {"batch", "kv_share", "shared_context", "ms_per_step", "tokens_per_s", "floor_ms_per_step"}
     assert [(w["max_batch_size"], w["requests"]) for w in data["workload"]] == [(1, 5), (3, 5)]
+    assert all(0 < w["phase1_s"] and 0 < w["phase1_share"] < 1 for w in data["workload"])
 
 
 def test_paged_kernel_smoke(tmp_path):
