@@ -65,16 +65,12 @@ def _paged_kernel(Q, K, V, TABLE, LENS, MEMBERS, PART, O, L,
         kv_mask = kmask[:, None] & dmask[None, :]
         if TILE_IN_PAGE:  # the tile lies in one page: one page id, and rows the compiler sees are affine
             page = tl.load(TABLE + j * st_g + n0 // PAGE).to(tl.int64)
-            row = n0 % PAGE + rn
-            k = tl.load(K + h * sk_h + page * sk_p + row[:, None] * sk_n + rd[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + h * sv_h + page * sv_p + row[:, None] * sv_n + rd[None, :], mask=kv_mask, other=0.0)
-        else:
-            page = tl.load(TABLE + j * st_g + cols // PAGE, mask=kmask, other=0).to(tl.int64)
+            off = n0 % PAGE + rn
+        else:  # a page id per key
+            page = tl.load(TABLE + j * st_g + cols // PAGE, mask=kmask, other=0).to(tl.int64)[:, None]
             off = cols % PAGE
-            k = tl.load(K + h * sk_h + page[:, None] * sk_p + off[:, None] * sk_n + rd[None, :], mask=kv_mask,
-                        other=0.0)
-            v = tl.load(V + h * sv_h + page[:, None] * sv_p + off[:, None] * sv_n + rd[None, :], mask=kv_mask,
-                        other=0.0)
+        k = tl.load(K + h * sk_h + page * sk_p + off[:, None] * sk_n + rd[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + h * sv_h + page * sv_p + off[:, None] * sv_n + rd[None, :], mask=kv_mask, other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
