@@ -30,7 +30,7 @@ from bench_decode_floor import bandwidth, step_bytes  # noqa: E402
 from star_mcore.config import InferenceConfig  # noqa: E402
 from star_mcore.inference.batch import ContinuousBatch, Job  # noqa: E402
 from star_mcore.inference.engine import Engine, Sampling  # noqa: E402
-from star_mcore.inference.planner import pages_wanted  # noqa: E402
+from star_mcore.inference.planner import pool_pages  # noqa: E402
 
 
 def _sync(dev) -> None:
@@ -157,8 +157,7 @@ def workload_row(args, model, groups, max_batch: int, room: int, kv_token: int) 
     engine = Engine(model, groups, InferenceConfig(context_parallel_mode="none", decode=args.decode,
                                                    max_batch_size=max_batch, attention_backend=args.backend))
     page = engine.inference.kv_page_size
-    wanted, largest = pages_wanted(engine.mode, 1, page, max_batch, [j.footprint for j in jobs])
-    pages = 1 + max(largest, min(wanted, room // (page * kv_token)))
+    pages = pool_pages(engine.mode, 1, page, max_batch, [j.footprint for j in jobs], room // (page * kv_token))
     run_jobs(engine, jobs[:2], pages)  # warm-up
     gens = []
     seconds = run_jobs(engine, jobs, pages, gens)

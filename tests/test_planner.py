@@ -95,7 +95,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(gqa_ckpt, tmp_path):
 def test_the_kv_pool_counts_a_shared_context_once():
     from star_mcore.config import InferenceConfig
     from star_mcore.inference.modes import context_parallel_mode
-    from star_mcore.inference.planner import pages_wanted
+    from star_mcore.inference.planner import pages_wanted, pool_pages
 
     star = context_parallel_mode(InferenceConfig(block_size=100, anchor_size=100))
     # 8 questions (own: 50 tokens = 2 pages of 32) over one 1000-token context on 4 hosts: shares 300/300/200/200
@@ -107,3 +107,7 @@ def test_the_kv_pool_counts_a_shared_context_once():
     shares = [star.context_shares(n, 4) for n in (1600, 1700)]
     assert wanted == max(sum(-(-s[h] // 32) for s in shares) + (4 if h == 3 else 0) for h in range(4))
     assert alone == max(max(-(-x // 32) for x in shares[1][:3]), -(-shares[1][3] // 32) + 2)
+    # the pool: + the scratch page; a memory budget caps it, never below the largest request alone
+    assert pool_pages(star, 4, 32, 8, questions) == 1 + 23
+    assert pool_pages(star, 4, 32, 8, questions, budget=15) == 1 + 15
+    assert pool_pages(star, 4, 32, 8, questions, budget=4) == 1 + 10

@@ -21,7 +21,7 @@ from ..parallel.groups import reduce_max
 from .decode import DecodeRow, Launched
 from .engine import Encoded, Engine, Generation, Sampling
 from .kv_cache import KVSequence
-from .planner import context_pages, pages_wanted
+from .planner import context_pages, pool_pages
 from .requests import RequestError
 from .verdict import Choice, NumericalError
 
@@ -53,7 +53,7 @@ class Job:
 
     @property
     def footprint(self) -> Tuple[bytes, int, int]:
-        """What the planner counts of it (:func:`.planner.pages_wanted`): (context key, context tokens, own
+        """What the planner counts of it (:func:`.planner.pool_pages`): (context key, context tokens, own
         tokens)."""
         return self.context_key, len(self.context_ids), self.own_tokens
 
@@ -199,9 +199,8 @@ class ContinuousBatch:
         if pages is None:
             jobs = list(jobs)
             eng = self.engine
-            wanted, _ = pages_wanted(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(self.slots),
-                                     [j.footprint for j in jobs])
-            pages = 1 + wanted
+            pages = pool_pages(eng.mode, eng.groups.cp_size, eng.inference.kv_page_size, len(self.slots),
+                               [j.footprint for j in jobs])
         self.open(pages)
         pending = iter(jobs)
         nxt = next(pending, None)

@@ -128,19 +128,27 @@ def pages_wanted(mode, cp: int, page: int, slots: int,
     return wanted, alone
 
 
+def pool_pages(mode, cp: int, page: int, slots: int, requests: Sequence[Tuple[Hashable, int, int]],
+               budget: Optional[int] = None) -> int:
+    """Pages of each host's KV pool for ``requests`` (as :func:`pages_wanted` takes them): what any ``slots`` of
+    them need at once, capped by ``budget`` pages where given but never below what the largest needs alone, and
+    the scratch page."""
+    wanted, largest = pages_wanted(mode, cp, page, slots, requests)
+    return 1 + (wanted if budget is None else max(largest, min(wanted, budget)))
+
+
 def kv_pool_pages(cfg: RunConfig, arch: LlamaArch, requests: Sequence[Tuple[Hashable, int, int]]) -> int:
     """Pages of each host's KV pool for a run over ``requests`` ((context key, tokens, own tokens)): what
     ``inference.max_batch_size`` of them need at once on the fullest host (the largest needs, so any mix fits),
     capped by the memory the planner leaves beside the weights and the largest request's phase-1 forward, never
     below what the largest one needs alone. Admission then keeps every host within it."""
     inf = cfg.inference
-    wanted, largest = pages_wanted(context_parallel_mode(inf), cfg.model.context_parallel_size, inf.kv_page_size,
-                                   inf.max_batch_size, requests)
     _, ctx, own = max(requests, key=lambda r: r[1] + r[2])
     p = plan(cfg, arch, ctx, 0, own)
     per_page = inf.kv_page_size * kv_bytes_per_token(arch, cfg.model.tensor_model_parallel_size, cfg.model.precision)
     budget = (device_capacity(cfg) - p.weights - p.activations - p.overhead) // per_page
-    return 1 + max(largest, min(wanted, budget))  # + the scratch page
+    return pool_pages(context_parallel_mode(inf), cfg.model.context_parallel_size, inf.kv_page_size,
+                      inf.max_batch_size, requests, budget)
 
 
 def serve_pool_pages(cfg: RunConfig, arch: LlamaArch) -> int:
